@@ -1,0 +1,121 @@
+"""Command line: ``mergekit-lite run|plan|methods|examples|bench``.
+
+Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
+and exits with status 2; nothing is left in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import MergeError
+
+
+def _merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N [auto]")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="budget for tensor bytes alive at once, e.g. 8GB [auto: the largest step plus read-ahead]")
+    p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the plan's seed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergekit-lite", description="Streaming merges of language models "
+                                     "from mergekit-style YAML plans.")
+    parser.add_argument("--version", action="version", version=f"mergekit-lite {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a merge plan into an output folder")
+    p.add_argument("plan", help="YAML merge plan")
+    p.add_argument("out", help="output folder (written atomically)")
+    _merge_options(p)
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard [5GB]")
+    p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
+    p.add_argument("plan", help="YAML merge plan")
+    _merge_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("methods", help="list the merge methods and their parameters")
+    p.add_argument("name", nargs="?", help="show one method in detail")
+
+    p = sub.add_parser("examples", help="(re)generate the example models used by merge_configs/")
+    p.add_argument("dir", nargs="?", default=None, help="target folder [merge_configs/models]")
+    p.add_argument("--check", action="store_true", help="verify the folder holds exactly what would be generated")
+
+    p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except MergeError as exc:
+        print(f"mergekit-lite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergekit-lite: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from .merge import Options, compile_plan, execute
+
+        options = Options(device=args.device, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype)
+        compiled = compile_plan(args.plan, options)
+        for w in compiled.warnings:
+            print(f"mergekit-lite: warning: {w}", file=sys.stderr)
+        stats = execute(compiled, args.out, options)
+        if not args.quiet:
+            print(f"wrote {stats.tensors} tensors ({stats.bytes_written / 1e9:.3f} GB) to {args.out} in "
+                  f"{stats.seconds:.1f}s on {stats.device}: {stats.throughput / 1e9:.2f} GB/s, "
+                  f"peak tensor memory {stats.peak_live_bytes / 1e6:.0f} MB (budget {stats.budget / 1e6:.0f} MB)")
+        return 0
+    if args.command == "plan":
+        from .report import plan_report
+
+        print(plan_report(args.plan, device=args.device, max_memory=args.max_memory, seed=args.seed,
+                          as_json=args.json))
+        return 0
+    if args.command == "methods":
+        from .report import methods_report
+
+        print(methods_report(args.name))
+        return 0
+    if args.command == "examples":
+        from .examples import check_examples, write_examples
+
+        target = args.dir or os.path.join("merge_configs", "models")
+        if args.check:
+            problems = check_examples(target)
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                return 1
+            print(f"{target}: up to date")
+            return 0
+        for path in write_examples(target):
+            print(path)
+        return 0
+    if args.command == "bench":
+        from .bench import run_bench
+
+        report = run_bench(args)
+        print(json.dumps(report, indent=2) if args.json else report["text"])
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Names of tensor dtypes: plan spelling, torch dtype, safetensors header code, element size."""
+
+from __future__ import annotations
+
+import torch
+
+# plan name -> torch dtype. mergekit accepts bfloat16|float16|float32|int64 with an optional
+# ``torch.`` prefix; we accept those plus a few common aliases.
+PLAN_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "half": torch.float16,
+    "float": torch.float32,
+}
+
+# safetensors header code <-> torch dtype
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        ST_TO_TORCH["F8_E4M3" if "e4m3" in _name else "F8_E5M2"] = getattr(torch, _name)
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Plan spelling (``bfloat16``, ``torch.float16``, ``bf16``) -> torch dtype; KeyError if unknown."""
+    key = name[len("torch.") :] if name.startswith("torch.") else name
+    return PLAN_DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the spelling used in config.json's torch_dtype)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point

@@ -1,0 +1,58 @@
+"""Errors meant for people.
+
+Every error raised for bad input is a :class:`MergeError`. The CLI prints its message and exits
+with status 2; anything else escaping is a bug in mergekit-lite and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MergeError(Exception):
+    """Base class of every error caused by the user's input (plan, models, options)."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in a plan: where it is and what is wrong."""
+
+    file: str
+    line: int | None  # 1-based, None when unknown
+    path: str  # key path such as ``models[1].parameters.weight``
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class PlanError(MergeError):
+    """A plan has one or more problems; all of them are listed at once."""
+
+    def __init__(self, issues: list[Issue] | Issue):
+        self.issues = [issues] if isinstance(issues, Issue) else list(issues)
+        n = len(self.issues)
+        head = "the merge plan has a problem" if n == 1 else f"the merge plan has {n} problems"
+        super().__init__(head + ":\n" + "\n".join(f"  - {i}" for i in self.issues))
+
+
+class ModelNotFound(MergeError):
+    """A model reference is neither a local path nor a resolvable Hugging Face repo."""
+
+
+class TensorNotFound(MergeError):
+    """A tensor the merge needs is missing from a model."""
+
+
+class ShapeMismatch(MergeError):
+    """Input tensors that must be merged together have different shapes."""
+
+
+class BudgetExceeded(MergeError):
+    """A single step of the merge cannot fit in the memory budget."""
+
+
+class OutputExists(MergeError):
+    """The output folder exists and ``overwrite`` was not given."""

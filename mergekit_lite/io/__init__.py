@@ -1,0 +1,1 @@
+"""Reading model folders lazily, resolving Hub ids, and writing sharded outputs atomically."""

@@ -1,0 +1,174 @@
+"""Lazy reading of safetensors models.
+
+At plan time only headers are read (8-byte length + JSON): names, shapes, dtypes and where each
+tensor lives. Tensor bytes are read one tensor at a time through ``safetensors.safe_open`` when the
+executor asks for them, so a model is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..dtypes import ST_TO_TORCH, element_size
+from ..errors import ModelNotFound
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where a tensor is and what it is, from the file header (no bytes read)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+    offset: int  # of its bytes within the file's data section
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+
+def read_header(file: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Parse a safetensors header: ({name: TensorMeta}, metadata). Reads only the header bytes."""
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is not plausible")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelNotFound(f"{file}: not a readable safetensors file ({exc})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        code = info.get("dtype")
+        if code not in ST_TO_TORCH:
+            raise ModelNotFound(f"{file}: tensor {name} has dtype {code}, which mergekit-lite cannot read")
+        tensors[name] = TensorMeta(name, tuple(int(d) for d in info["shape"]), ST_TO_TORCH[code], file,
+                                   int(info["data_offsets"][0]))
+    return tensors, metadata
+
+
+@dataclass
+class ModelFiles:
+    """A model on local disk: its tensors (from headers), config.json and other files."""
+
+    path: str  # folder, or the single .safetensors file
+    tensors: dict[str, TensorMeta]
+    config: dict[str, Any]
+    folder: str  # where config.json / tokenizer files live
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({m.file for m in self.tensors.values()})
+
+
+def open_model(path: str) -> ModelFiles:
+    """Index a local model folder (sharded with an index, or single-file) or a lone .safetensors file."""
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise ModelNotFound(f"{path}: not a .safetensors file (mergekit-lite reads safetensors weights only)")
+        tensors, _ = read_header(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        return ModelFiles(path, tensors, _read_config(folder), folder)
+    if not os.path.isdir(path):
+        raise ModelNotFound(f"{path}: no such file or folder")
+    index_file = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index_file):
+        try:
+            with open(index_file, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelNotFound(f"{index_file}: not a valid safetensors index ({exc})") from None
+        tensors: dict[str, TensorMeta] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_file = os.path.join(path, shard)
+            if not os.path.exists(shard_file):
+                raise ModelNotFound(f"{path}: the index names shard {shard}, which is missing")
+            found, _ = read_header(shard_file)
+            for name, meta in found.items():
+                if weight_map.get(name) == shard:
+                    tensors[name] = meta
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise ModelNotFound(f"{path}: the index lists tensors its shards lack, e.g. {missing[0]}")
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            bins = [f for f in os.listdir(path) if f.endswith(".bin") or f.endswith(".pt")]
+            hint = (" It has pickle weights (" + ", ".join(bins[:3]) + "), which mergekit-lite does not load because "
+                    "unpickling can run code; convert them to safetensors first.") if bins else ""
+            raise ModelNotFound(f"{path}: no .safetensors weights found.{hint}")
+        tensors = {}
+        for f in files:
+            found, _ = read_header(os.path.join(path, f))
+            for name, meta in found.items():
+                if name in tensors:
+                    raise ModelNotFound(f"{path}: tensor {name} is in both {os.path.basename(tensors[name].file)} and {f}")
+                tensors[name] = meta
+    return ModelFiles(path, tensors, _read_config(path), path)
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg):
+        return {}
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"{cfg}: not valid JSON ({exc})") from None
+
+
+class TensorReader:
+    """Reads tensors by file and name, keeping a few ``safe_open`` handles open.
+
+    Thread-safe: reads of different files proceed in parallel; reads of one file are serialized.
+    """
+
+    def __init__(self, max_open: int = 16):
+        self._handles: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_open = max_open
+
+    def _handle(self, file: str):
+        with self._lock:
+            if file in self._handles:
+                self._handles.move_to_end(file)
+                return self._handles[file]
+            entry = (safe_open(file, framework="pt", device="cpu"), threading.Lock())
+            self._handles[file] = entry
+            while len(self._handles) > self._max_open:
+                self._handles.popitem(last=False)
+            return entry
+
+    def read(self, file: str, name: str) -> torch.Tensor:
+        handle, lock = self._handle(file)
+        with lock:
+            return handle.get_tensor(name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()

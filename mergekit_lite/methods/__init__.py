@@ -1,0 +1,187 @@
+"""Registry of merge methods.
+
+A merge method is a small pure function over tensors, registered under the name a plan uses for
+``merge_method``. It never reads files, never chooses a device and never rounds its result: the
+executor hands it tensors already on the compute device (in their storage dtype; methods upcast to
+float32 themselves, one input at a time when they can, to keep memory low) and rounds the float32
+result once, when it is written.
+
+Call convention::
+
+    fn(tensors, base, **params) -> torch.Tensor
+
+- ``tensors``: the non-base inputs, in plan order (for methods without a base, every input).
+- ``base``: the base model's tensor, or None.
+- global parameters arrive as scalars; per-model parameters as lists aligned with ``tensors``.
+- random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
+
+Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a method takes.
+
+    ``scope`` is ``"global"`` (one value per output tensor, set under the plan's or a slice's
+    ``parameters``) or ``"model"`` (one value per input model, set under that model's ``parameters``
+    or, as a default for every model, under the plan's ``parameters``).
+    ``check`` returns an explanation when a value is not allowed (None when it is).
+    """
+
+    name: str
+    kind: type  # float, int, bool or str
+    scope: Literal["global", "model"]
+    default: Any = REQUIRED
+    doc: str = ""
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def pyname(self) -> str:
+        """Keyword the function receives (``lambda`` is a Python keyword: it arrives as ``lambda_``)."""
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+    def allowed(self) -> str:
+        """Human description of allowed values, for error messages."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[self.kind]
+        return kind + (f" ({self.doc})" if self.doc else "")
+
+    def validate(self, value: Any) -> tuple[Any, str | None]:
+        """Coerce a plan value to this parameter's type; returns (value, problem)."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                return value, f"expected true or false, got {value!r}"
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return value, f"expected a number, got {value!r}"
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                return value, f"expected a finite number, got {value!r}"
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    return value, f"expected an integer, got {value!r}"
+        elif self.kind is str:
+            if not isinstance(value, str):
+                return value, f"expected a string, got {value!r}"
+            if self.choices and value not in self.choices:
+                return value, f"expected {self.allowed()}, got {value!r}"
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                return value, problem
+        return value, None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method: its function and what it needs from a plan."""
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "none"]
+    min_models: int = 1  # non-base inputs (every input when base == "none")
+    max_models: int | None = None
+    random: bool = False
+    paper: str = ""
+    # Peak float32 temporaries beyond the inputs, in units of one output-sized float32 tensor,
+    # as a function of the number of inputs (base included). Used by the memory budget.
+    workspace: Callable[[int], float] = field(default=lambda n: 2.0)
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.fn) or ""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "global")
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "model")
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", min_models: int = 1,
+             max_models: int | None = None, random: bool = False, paper: str = "",
+             workspace: Callable[[int], float] | None = None):
+    """Decorator: register `fn` as merge method `name`.
+
+    The function's keyword parameters must be exactly the declared params (plus ``generators`` for
+    random methods), so the registry and the function cannot drift apart.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        sig = inspect.signature(fn)
+        declared = {p.pyname for p in params} | ({"generators"} if random else set())
+        taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
+        if declared != taken:
+            raise TypeError(f"merge method {name!r}: keyword parameters {sorted(taken)} "
+                            f"do not match the declared {sorted(declared)}")
+        REGISTRY[name] = Method(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
+                                max_models=max_models, random=random, paper=paper,
+                                workspace=workspace or (lambda n: 2.0))
+        return fn
+
+    return wrap
+
+
+def get(name: str) -> Method:
+    """The method registered as `name`; KeyError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+# Shared checks for common parameters ------------------------------------------------------------
+
+def in_unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else f"must be between 0 and 1, got {value}"
+
+
+def density_check(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else f"density is the fraction of entries kept: it must be in (0, 1], got {value}"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be positive, got {value}"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be zero or positive, got {value}"
+
+
+# Importing the method modules registers them.
+from . import linear as _linear  # noqa: E402,F401
+from . import task_arithmetic as _task_arithmetic  # noqa: E402,F401

@@ -1,0 +1,87 @@
+"""Human-readable descriptions: what a plan will do (``mergekit-lite plan``), and the methods."""
+
+from __future__ import annotations
+
+import json
+
+from . import methods
+from .graph import describe
+from .merge import Options, compile_plan
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False) -> str:
+    options = Options(device=device, max_memory=max_memory, seed=seed)
+    compiled = compile_plan(plan_path, options)
+    info = describe(compiled)
+    budget = options.budget(compiled)
+    info["budget_bytes"] = budget
+    # read-ahead fills the budget at most, and never more than all groups' needs together
+    info["estimated_peak_bytes"] = min(budget, sum(compiled.group_need(nodes) for _, nodes in compiled.groups))
+    steps = []
+    for step in compiled.recipe.steps:
+        comp = compiled.steps[step.name or ""]
+        deps = [r.path for r in step.referenced_models() if r.revision is None and r.path in compiled.steps]
+        steps.append({
+            "name": step.name or "(output)",
+            "method": step.merge_method,
+            "base_model": str(step.base_model) if step.base_model else None,
+            "models": [str(r) for r in step.referenced_models()],
+            "depends_on": deps,
+            "tensors": len(comp.layout.tensors),
+            "save": step.save,
+            "expanded": getattr(step, "expanded_yaml", None),
+        })
+    info["steps"] = steps
+    info["warnings"] = compiled.warnings
+    if as_json:
+        return json.dumps(info, indent=2)
+    lines = [f"plan: {compiled.recipe.file}"]
+    for s in steps:
+        head = f"step {s['name']}: {s['method']}"
+        if s["base_model"]:
+            head += f" on base {s['base_model']}"
+        lines.append(head)
+        lines.append(f"  models: {', '.join(s['models'])}")
+        if s["depends_on"]:
+            lines.append(f"  uses steps: {', '.join(s['depends_on'])} (computed in the same pass, not written)")
+        if s["save"]:
+            lines.append(f"  also saved to: {s['save']}")
+        lines.append(f"  output tensors: {s['tensors']}")
+        if s["expanded"]:
+            lines.append("  expands to:")
+            lines.extend("    " + ln for ln in s["expanded"].rstrip().splitlines())
+    ins = (f"{info['min_inputs_per_tensor']}" if info["min_inputs_per_tensor"] == info["max_inputs_per_tensor"]
+           else f"{info['min_inputs_per_tensor']}-{info['max_inputs_per_tensor']}")
+    lines += [
+        f"output tensors: {info['output_tensors']}",
+        f"inputs per merged tensor: {ins}",
+        f"tensor reads: {info['loads']} ({_gb(info['bytes_read'])})",
+        f"bytes written: {_gb(info['bytes_written'])}",
+        f"largest single step needs: {_gb(info['peak_step_bytes'])}",
+        f"memory budget: {_gb(budget)}{' (auto)' if max_memory in (None, 'auto') else ''}",
+        f"estimated peak tensor memory: {_gb(info['estimated_peak_bytes'])}",
+    ]
+    lines += [f"warning: {w}" for w in compiled.warnings]
+    return "\n".join(lines)
+
+
+def methods_report(name: str | None = None) -> str:
+    lines = []
+    for m in ([methods.get(name)] if name else [methods.get(n) for n in methods.names()]):
+        base = {"required": "needs base_model", "optional": "base_model optional", "none": "no base model"}[m.base]
+        count = (f"{m.min_models}" if m.max_models == m.min_models else
+                 f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")
+        lines.append(f"{m.name}: {count} model(s), {base}{', random (seeded)' if m.random else ''}")
+        for p in m.params:
+            default = "required" if p.required else f"default {p.default!r}"
+            lines.append(f"    {p.name} ({p.scope}, {p.kind.__name__}, {default}){': ' + p.doc if p.doc else ''}")
+        if name:
+            lines.append("")
+            lines.append(m.doc)
+            if m.paper:
+                lines.append(f"paper: {m.paper}")
+    return "\n".join(lines)
