@@ -18,6 +18,8 @@ from typing import Any, Iterable
 _LAYER = re.compile(r"^(?P<prefix>(?:[^.]+\.)+?)(?P<index>\d+)\.(?P<rest>.+)$")
 _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
                   r"embeddings\.|tok_embeddings|emb_ln|embedding)", re.IGNORECASE)
+# names that are output heads even though they may contain "embed" (GPT-NeoX's embed_out)
+_POST = re.compile(r"(lm_head|embed_out|^output\.|\.output\.weight$|score\.|classifier|pooler)", re.IGNORECASE)
 # config keys holding the layer count, most specific first
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
 # config sub-dicts that may hold the text model's settings
@@ -66,7 +68,7 @@ class Architecture:
         ln = split_layer(name)
         if ln is not None and ln.prefix in self.stacks:
             return "layer" if ln.prefix == self.prefix else "stack"
-        return "pre" if _PRE.search(name) else "post"
+        return "pre" if _PRE.search(name) and not _POST.search(name) else "post"
 
     def t(self, name: str) -> float:
         """Gradient position of a tensor in a whole-model (``models:``) merge: layer i of n has

@@ -30,7 +30,7 @@ from .errors import ModelNotFound
 from .io.reader import ModelFiles, TensorMeta, open_model
 from .io.resolve import resolve_model
 from .io.writer import PlannedTensor
-from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
+from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand, upscale_to_slices
 from .plan.schema import MergePlan, ModelRef, Recipe
 
 
@@ -178,6 +178,9 @@ class StepCompiler:
         ot: OutputTensor = self.by_name[tensor]
         if ot.copy:
             node = self.sources[ot.inputs[0].ref].node(ot.inputs[0].tensor, group)
+            if node.dtype != ot.dtype:  # a copy written in another dtype: round it like any result
+                node = Merge("passthrough", self.plan.name or "", tensor, group, (node,), None, (),
+                             (("scale", (1.0,)),), None, ot.shape, ot.dtype)
         else:
             method = methods.get(self.plan.merge_method)
             ins = tuple(self.sources[i.ref].node(i.tensor, group) for i in ot.inputs)
@@ -264,6 +267,8 @@ def compile_recipe(recipe: Recipe, *, plan_dir: str | None = None, seed: int | N
                 if key not in file_sources:
                     file_sources[key] = FileSource(ref, files[key])
                 sources[ref] = file_sources[key]
+        if step.depth_upscale is not None:
+            step = upscale_to_slices(step, sources[step.depth_upscale.model].info.arch.num_layers)
         step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
         comp = StepCompiler(step, sources, step_seed)
         warnings.extend(comp.layout.warnings)

@@ -33,7 +33,7 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
             "depends_on": deps,
             "tensors": len(comp.layout.tensors),
             "save": step.save,
-            "expanded": getattr(step, "expanded_yaml", None),
+            "expanded": comp.plan.expanded_from,
         })
     info["steps"] = steps
     info["warnings"] = compiled.warnings

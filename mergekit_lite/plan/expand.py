@@ -208,6 +208,25 @@ class _Expander:
                             f"{problem}; allowed: {p.allowed()}")
         return value
 
+    def donated(self, ref: ModelRef, name: str, section: str) -> OutputTensor:
+        """A tensor copied unmerged from the donor the plan names (embed_source / head_source)."""
+        info = self.infos[ref].tensors[name]
+        dtype = self.out_dtype if (self.out_dtype and info.dtype.is_floating_point) else info.dtype
+        return OutputTensor(name, info.shape, dtype, (Input(ref, name),), None, copy=True, section=section)
+
+    def check_same_architecture(self, refs: list[ModelRef]) -> None:
+        """Models of different architectures (config model_type / architectures) cannot be merged."""
+        kinds = {}
+        for ref in refs:
+            cfg = self.infos[ref].config
+            kind = (cfg.get("model_type"), tuple(cfg.get("architectures") or ()))
+            if kind != (None, ()):
+                kinds.setdefault(kind, []).append(self.infos[ref].label)
+        if len(kinds) > 1:
+            detail = "; ".join(f"{k[0] or '?'} {list(k[1])}: {', '.join(v)}" for k, v in kinds.items())
+            self.issue_once(("mixed-arch",), (), f"the models have different architectures ({detail}); "
+                            "merging them would produce a model no library can load")
+
     # -- models: -----------------------------------------------------------------------------
     def expand_models(self) -> StepLayout:
         plan = self.plan
@@ -218,6 +237,7 @@ class _Expander:
         sl = _Slice(sources, {}, plan.base_model, ())
         donor = plan.base_model or sources[0].model
         ref_index = [s.model for s in sources].index(donor)
+        self.check_same_architecture([s.model for s in sources])
         ref = self.infos[donor]
         # every model must have the same number of layers (mergekit's rule for a models: merge)
         for s in sources:
@@ -261,6 +281,8 @@ class _Expander:
                     self.issue_once(("range", src.path), src.path + ("layer_range",),
                                     f"layer_range {[a, b]} is outside {info.label}, which has "
                                     f"{info.arch.num_layers} layers (allowed: 0 <= start < end <= {info.arch.num_layers})")
+        self.check_same_architecture([s.model for sl in slices for s in sl.sources]
+                                     + [r for r in (plan.embed_source, plan.head_source) if r is not None])
         archs = {self.infos[s.model].arch.prefix for sl in slices for s in sl.sources}
         if len(archs) > 1:
             self.issue_once(("mixed",), ("slices",), "the slices mix architectures with different layer names: "
@@ -269,21 +291,22 @@ class _Expander:
             return StepLayout([], {}, slices[0].sources[0].model)
 
         first, last = slices[0], slices[-1]
-        pre_donor = self.infos[first.sources[0].model]
-        post_donor = self.infos[last.sources[0].model]
-        for name in pre_donor.tensors:
-            sec = pre_donor.arch.section(name)
-            if sec == "stack":
-                self.issue_once(("stack", name), ("slices",), f"cannot place tensor {name} of {pre_donor.label}: it "
-                                f"belongs to a second numbered stack ({split_layer(name).prefix}*), and slicing "
-                                "such models is not supported")
+        pre_donor = self.infos[plan.embed_source or first.sources[0].model]
+        post_donor = self.infos[plan.head_source or last.sources[0].model]
+        for info in {id(pre_donor): pre_donor, id(post_donor): post_donor}.values():
+            for name in info.tensors:
+                if info.arch.section(name) == "stack":
+                    self.issue_once(("stack", name), ("slices",), f"cannot place tensor {name} of {info.label}: it "
+                                    f"belongs to a second numbered stack ({split_layer(name).prefix}*), and "
+                                    "slicing such models is not supported")
         if self.issues:
             return StepLayout([], {}, first.sources[0].model)
 
         out: list[OutputTensor] = []
         ref_pre = [n for n in order_names(pre_donor.tensors, pre_donor.arch) if pre_donor.arch.section(n) == "pre"]
         for name in ref_pre:
-            ot = self.make(first, name, [name] * len(first.sources), 0.0, "pre", 0)
+            ot = (self.donated(plan.embed_source, name, "pre") if plan.embed_source
+                  else self.make(first, name, [name] * len(first.sources), 0.0, "pre", 0))
             if ot:
                 out.append(ot)
         k = 0
@@ -305,7 +328,8 @@ class _Expander:
                 k += 1
         ref_post = [n for n in order_names(post_donor.tensors, post_donor.arch) if post_donor.arch.section(n) == "post"]
         for name in ref_post:
-            ot = self.make(last, name, [name] * len(last.sources), 0.0, "post", 0)
+            ot = (self.donated(plan.head_source, name, "post") if plan.head_source
+                  else self.make(last, name, [name] * len(last.sources), 0.0, "post", 0))
             if ot:
                 out.append(ot)
         donor = plan.base_model or first.sources[0].model
@@ -380,3 +404,30 @@ def restack_config(config: dict[str, Any], infos: Mapping[ModelRef, SourceInfo],
                 cfg[k] = new
 
     rebuild(config, "")
+
+
+def upscale_to_slices(plan: MergePlan, num_layers: int) -> MergePlan:
+    """Expand ``depth_upscale: {model, copies, drop}`` into the equivalent ``slices:`` plan.
+
+    SOLAR-style (Kim et al. 2023): of a model with n layers, the first copy keeps layers
+    [0, n − drop), the last copy keeps [drop, n), and any copies in between keep [drop, n − drop).
+    With copies = 2 and drop = 8 a 32-layer model becomes 24 + 24 = 48 layers.
+    """
+    import yaml
+
+    from .schema import OutputSlice, SliceSource
+
+    up = plan.depth_upscale
+    n, d, c = num_layers, up.drop, up.copies
+    ranges = [(0, n - d)] + [(d, n - d)] * (c - 2) + [(d, n)]
+    if any(b <= a for a, b in ranges):
+        raise PlanError(plan.issue(up.path[len(plan.prefix):] + ("drop",),
+                                   f"drop {d} leaves no layers of the {n}-layer model {up.model} in some copy "
+                                   f"(allowed: drop < {n // 2 if c > 2 else n})"))
+    slices = tuple(OutputSlice((SliceSource(up.model, r, {}, up.path),), {}, None, up.path) for r in ranges)
+    expanded = {"merge_method": "passthrough",
+                "slices": [{"sources": [{"model": str(up.model), "layer_range": list(r)}]} for r in ranges]}
+    text = yaml.safe_dump(expanded, sort_keys=False, default_flow_style=None)
+    from dataclasses import replace
+
+    return replace(plan, slices=slices, depth_upscale=None, expanded_from=text)

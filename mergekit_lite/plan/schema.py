@@ -29,6 +29,8 @@ STEP_KEYS = {
     "dtype": "dtype written when out_dtype is not given",
     "out_dtype": "dtype of the written tensors",
     "tokenizer_source": "where the tokenizer comes from: base, or a model",
+    "embed_source": "model whose embeddings a slices plan copies (default: the first slice's)",
+    "head_source": "model whose final norm and lm_head a slices plan copies (default: the last slice's)",
     "name": "the step's name (multi-step plans)",
     "save": "also write this step's result to this folder (multi-step plans)",
     "seed": "seed of the random methods (DARE, DELLA)",
@@ -81,6 +83,16 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class DepthUpscale:
+    """``depth_upscale: {model, copies, drop}``: SOLAR-style stacking of copies of one model."""
+
+    model: ModelRef
+    copies: int
+    drop: int
+    path: Path
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """One merge step: what mergekit calls a MergeConfiguration."""
 
@@ -95,7 +107,10 @@ class MergePlan:
     name: str | None = None
     save: str | None = None
     seed: int | None = None
-    depth_upscale: Mapping[str, Any] | None = None
+    depth_upscale: DepthUpscale | None = None
+    embed_source: ModelRef | None = None
+    head_source: ModelRef | None = None
+    expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
     doc: Document | None = field(default=None, compare=False, repr=False)
     prefix: Path = ()  # key path of this step inside its document (``steps[i]``)
 
@@ -108,7 +123,7 @@ class MergePlan:
         seen: list[ModelRef] = []
         for ref in [self.base_model] + [m.model for m in self.models or ()] + [
             s.model for sl in self.slices or () for s in sl.sources
-        ]:
+        ] + [self.depth_upscale.model if self.depth_upscale else None, self.embed_source, self.head_source]:
             if ref is not None and ref not in seen:
                 seen.append(ref)
         return seen
@@ -401,22 +416,39 @@ def _parse_step(doc: Document, data: Any, prefix: Path, issues: list[Issue], war
 
     upscale = None
     if "depth_upscale" in data:
-        upscale = data["depth_upscale"]
-        if not isinstance(upscale, dict):
+        raw = data["depth_upscale"]
+        if not isinstance(raw, dict):
             bad(("depth_upscale",), "expected {model: PATH, copies: 2, drop: N}")
-            upscale = None
         else:
-            for key in upscale:
+            ok = True
+            for key in raw:
                 if key not in UPSCALE_KEYS:
                     bad(("depth_upscale", key), f"unknown key '{key}'; allowed: model, copies, drop")
-            if "model" not in upscale:
+                    ok = False
+            ref = None
+            if "model" not in raw:
                 bad(("depth_upscale",), "missing key 'model'")
             else:
-                _parse_model_ref(doc, prefix + ("depth_upscale", "model"), upscale["model"], issues)
-            for key, lo in (("copies", 1), ("drop", 0)):
-                v = upscale.get(key, 2 if key == "copies" else 0)
+                ref = _parse_model_ref(doc, prefix + ("depth_upscale", "model"), raw["model"], issues)
+            values = {}
+            for key, lo, default in (("copies", 2, 2), ("drop", 0, 0)):
+                v = raw.get(key, default)
                 if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                     bad(("depth_upscale", key), f"{key} must be an integer >= {lo}, got {v!r}")
+                    ok = False
+                values[key] = v
+            if ok and ref is not None:
+                upscale = DepthUpscale(ref, values["copies"], values["drop"], prefix + ("depth_upscale",))
+        if method is not None and method.name != "passthrough":
+            bad(("merge_method",), f"depth_upscale stacks copies of one model and needs merge_method: passthrough "
+                f"(or no merge_method), got '{method.name}'")
+
+    donors = {}
+    for key in ("embed_source", "head_source"):
+        if data.get(key) is not None:
+            donors[key] = _parse_model_ref(doc, prefix + (key,), data[key], issues)
+            if "slices" not in data and "depth_upscale" not in data:
+                bad((key,), f"{key} applies to slices plans (layer stacking); a models: merge merges every tensor")
 
     given = [k for k in ("models", "slices", "depth_upscale") if k in data]
     if len(given) != 1:
@@ -430,7 +462,8 @@ def _parse_step(doc: Document, data: Any, prefix: Path, issues: list[Issue], war
     plan = MergePlan(merge_method=method.name, base_model=base, models=models, slices=slices,
                      parameters=parameters, dtype=data.get("dtype"), out_dtype=data.get("out_dtype"),
                      tokenizer_source=tokenizer_source, name=name.strip() if name else None,
-                     save=save, seed=seed, depth_upscale=upscale, doc=doc, prefix=prefix)
+                     save=save, seed=seed, depth_upscale=upscale, embed_source=donors.get("embed_source"),
+                     head_source=donors.get("head_source"), doc=doc, prefix=prefix)
     _check_inputs(plan, method, issues, warnings)
     return plan if len(issues) == n_before else None
 
