@@ -184,4 +184,5 @@ def non_negative(value: float) -> str | None:
 
 # Importing the method modules registers them.
 from . import linear as _linear  # noqa: E402,F401
+from . import passthrough as _passthrough  # noqa: E402,F401
 from . import task_arithmetic as _task_arithmetic  # noqa: E402,F401
