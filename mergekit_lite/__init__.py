@@ -4,6 +4,11 @@ Python API::
 
     import mergekit_lite
     mergekit_lite.run("plan.yaml", "out/")                  # run a mergekit-style YAML plan
+
+    from mergekit_lite import Model
+    base = Model("base")
+    merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
+    merged.save("out/")
 """
 
 __version__ = "0.1.0"
@@ -17,12 +22,19 @@ from .errors import (  # noqa: E402
     ShapeMismatch,
     TensorNotFound,
 )
+from .api import Expr, LayerRange, Model, TaskVector, merge, stack  # noqa: E402
 from .merge import Options, compile_plan, run  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
 from .plan.schema import load_plan, parse_plan  # noqa: E402
 
 __all__ = [
     "__version__",
+    "Model",
+    "Expr",
+    "TaskVector",
+    "LayerRange",
+    "stack",
+    "merge",
     "run",
     "compile_plan",
     "parse_plan",

@@ -26,7 +26,7 @@ import torch
 from . import methods
 from .arch import detect
 from .dtypes import element_size
-from .errors import ModelNotFound
+from .errors import ModelNotFound, TensorNotFound
 from .io.reader import ModelFiles, TensorMeta, open_model
 from .io.resolve import resolve_model
 from .io.writer import PlannedTensor
@@ -221,10 +221,11 @@ class Compiled:
         return max((group_need(self.graph, nodes) for _, nodes in self.groups), default=0)
 
 
-def open_sources(recipe: Recipe, plan_dir: str | None) -> dict[str, ModelFiles]:
-    """Resolve and index every model file the recipe names (headers only)."""
+def open_sources(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFiles] | None = None
+                 ) -> dict[str, ModelFiles]:
+    """Resolve and index every model file the recipe names (headers only); `known` ones are reused."""
     step_names = {s.name for s in recipe.steps if s.name}
-    files: dict[str, ModelFiles] = {}
+    files: dict[str, ModelFiles] = dict(known or {})
     problems: list[str] = []
     for step in recipe.steps:
         refs = step.referenced_models()
@@ -239,7 +240,10 @@ def open_sources(recipe: Recipe, plan_dir: str | None) -> dict[str, ModelFiles]:
             try:
                 files[key] = open_model(resolve_model(ref.path, ref.revision, plan_dir))
             except ModelNotFound as exc:
-                problems.append(str(exc))
+                hint = ""
+                if step_names and "/" not in ref.path:
+                    hint = f"; nor is it a step of this plan (steps: {', '.join(sorted(step_names))})"
+                problems.append(f"{exc}{hint}")
     if problems:
         if len(problems) == 1:
             raise ModelNotFound(problems[0])
@@ -249,11 +253,11 @@ def open_sources(recipe: Recipe, plan_dir: str | None) -> dict[str, ModelFiles]:
 
 def compile_recipe(recipe: Recipe, *, plan_dir: str | None = None, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write",
-                   files: dict[str, ModelFiles] | None = None) -> Compiled:
+                   files: dict[str, ModelFiles] | None = None, only: Iterable[str] | None = None) -> Compiled:
     """Build the graph of `recipe`. `seed` overrides the plan's; `dtype` overrides the written dtype;
-    `sink` is ``"write"`` (Write nodes into the output) or ``"emit"`` (Emit nodes for Python)."""
-    if files is None:
-        files = open_sources(recipe, plan_dir)
+    `sink` is ``"write"`` (Write nodes into the output) or ``"emit"`` (Emit nodes for Python);
+    `only` restricts the output to these tensor names; `files` are already-opened models."""
+    files = open_sources(recipe, plan_dir, known=files)
     file_sources: dict[str, FileSource] = {}
     compilers: dict[str, StepCompiler] = {}
     warnings = list(recipe.warnings)
@@ -277,7 +281,15 @@ def compile_recipe(recipe: Recipe, *, plan_dir: str | None = None, seed: int | N
 
     sinks: list[Any] = []
     planned: list[PlannedTensor] = []
+    wanted = set(only) if only is not None else None
+    if wanted is not None:
+        unknown = sorted(wanted - set(final.by_name))
+        if unknown:
+            raise TensorNotFound(f"the merged model has no tensor {unknown[0]!r}; it has "
+                                 f"{len(final.by_name)} tensors, e.g. {next(iter(final.by_name), '')!r}")
     for ot in final.layout.tensors:
+        if wanted is not None and ot.name not in wanted:
+            continue
         node = final.node(ot.name, ot.name)
         out_dtype = dtype if (dtype is not None and ot.dtype.is_floating_point) else ot.dtype
         planned.append(PlannedTensor(ot.name, ot.shape, out_dtype))
@@ -287,7 +299,7 @@ def compile_recipe(recipe: Recipe, *, plan_dir: str | None = None, seed: int | N
     # An intermediate step with `save:` also writes every tensor. Those the output already computes
     # are written from the same node; the others get groups of their own.
     for comp in compilers.values():
-        if comp is final or not comp.plan.save:
+        if comp is final or not comp.plan.save or wanted is not None:
             continue
         for ot in comp.layout.tensors:
             if ot.name not in comp.save_sinks:
@@ -311,18 +323,28 @@ def _add(graph: nx.DiGraph, node: Any) -> None:
 
 
 def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, list[Any]]]:
-    """Execution order: groups in sink order; inside a group, a topological order with loads as late
-    as their consumers allow (lexicographic topological sort keyed by group rank, then kind)."""
-    rank: dict[str, int] = {}
+    """Execution order: groups in the order of their first sink (the output order); inside a group,
+    a depth-first post-order from its sinks, so each tensor is read just before the merge that
+    needs it and an earlier step's inputs are freed before a later step's are read."""
+    by_group: dict[str, list[Any]] = {}
     for s in sinks:
-        rank.setdefault(s.group, len(rank))
-    kind = {Load: 0, Merge: 1, Write: 2, Emit: 2}
-    order = nx.lexicographical_topological_sort(graph, key=lambda n: (rank[n.group], kind[type(n)]))
+        by_group.setdefault(s.group, []).append(s)
     groups: list[tuple[str, list[Any]]] = []
-    for node in order:
-        if not groups or groups[-1][0] != node.group:
-            groups.append((node.group, []))
-        groups[-1][1].append(node)
+    for group, group_sinks in by_group.items():
+        order: list[Any] = []
+        seen: set[Any] = set()
+
+        def visit(node: Any) -> None:
+            if node in seen:
+                return
+            seen.add(node)
+            for dep in inputs_of(node):
+                visit(dep)
+            order.append(node)
+
+        for s in group_sinks:
+            visit(s)
+        groups.append((group, order))
     return groups
 
 
@@ -338,7 +360,9 @@ def group_need(graph: nx.DiGraph, nodes: list[Any]) -> int:
         if isinstance(node, Load):
             live += node.nbytes
         elif isinstance(node, Merge):
-            peak = max(peak, live + node.workspace_bytes + node.nbytes)
+            # the float32 result is part of the workspace; rounding it to another dtype copies it
+            cast = node.nbytes if node.dtype != torch.float32 else 0
+            peak = max(peak, live + node.workspace_bytes + cast)
             live += node.nbytes
         elif node.dtype != node.value.dtype:  # Write / Emit of a cast copy
             live += node.nbytes
