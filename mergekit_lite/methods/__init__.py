@@ -186,3 +186,7 @@ def non_negative(value: float) -> str | None:
 from . import linear as _linear  # noqa: E402,F401
 from . import passthrough as _passthrough  # noqa: E402,F401
 from . import task_arithmetic as _task_arithmetic  # noqa: E402,F401
+from . import ties as _ties  # noqa: E402,F401
+from . import dare as _dare  # noqa: E402,F401
+from . import breadcrumbs as _breadcrumbs  # noqa: E402,F401
+from . import della as _della  # noqa: E402,F401
