@@ -190,3 +190,10 @@ from . import ties as _ties  # noqa: E402,F401
 from . import dare as _dare  # noqa: E402,F401
 from . import breadcrumbs as _breadcrumbs  # noqa: E402,F401
 from . import della as _della  # noqa: E402,F401
+from . import slerp as _slerp  # noqa: E402,F401
+from . import nuslerp as _nuslerp  # noqa: E402,F401
+from . import multislerp as _multislerp  # noqa: E402,F401
+from . import karcher as _karcher  # noqa: E402,F401
+from . import model_stock as _model_stock  # noqa: E402,F401
+from . import sce as _sce  # noqa: E402,F401
+from . import nearswap as _nearswap  # noqa: E402,F401
