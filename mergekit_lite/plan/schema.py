@@ -583,12 +583,20 @@ def _check_inputs(plan: MergePlan, method: methods.Method, issues: list[Issue], 
             issues.append(plan.issue(("merge_method",), f"'{method.name}' needs base_model (the model its task "
                                      "vectors are taken against)"))
             continue
+        appended = ""
         if method.base == "none":
-            if base is not None and base not in refs and plan.models is not None:
-                issues.append(plan.issue(("base_model",), f"'{method.name}' does not use a base model; list "
-                                         f"{base} under models with a weight, or remove base_model"))
-                continue
             n = len(refs)
+            if base is not None and base not in refs and plan.models is not None:
+                if any(p.required for p in method.model_params):
+                    issues.append(plan.issue(("base_model",), f"'{method.name}' does not use a base model; list "
+                                             f"{base} under models with a weight, or remove base_model"))
+                    continue
+                # mergekit appends an unlisted base model as one more input; a method whose per-model
+                # parameters all have defaults (karcher) merges it like the listed models
+                n += 1
+                appended = " (base_model counts as one)"
+                warnings.append(f"{plan.issue(('base_model',), '')}".rstrip(": ") + f": '{method.name}' does not "
+                                f"treat a base model specially; {base} is merged as one more model, as in mergekit")
         else:
             n = len([r for r in refs if r != base])
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -599,7 +607,7 @@ def _check_inputs(plan: MergePlan, method: methods.Method, issues: list[Issue], 
             else:
                 want = f"{method.min_models} to {method.max_models}"
             other = " besides the base model" if method.base != "none" else ""
-            issues.append(plan.issue(path, f"'{method.name}' merges {want} model(s){other}, got {n}"))
+            issues.append(plan.issue(path, f"'{method.name}' merges {want} model(s){other}, got {n}{appended}"))
     # per-model parameters given to the base model are not used by methods with a base
     if method.base != "none" and plan.models is not None:
         for m in plan.models:
