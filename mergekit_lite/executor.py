@@ -60,7 +60,11 @@ def limit_allocator_caching() -> None:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf/NaN, checked in chunks so the boolean mask never costs a tensor's worth of memory."""
+    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
+    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
+    checked entry by entry, in chunks so the boolean mask stays small."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return True
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
 
@@ -126,7 +130,7 @@ def auto_budget(compiled: Compiled) -> int:
 def check_budget(compiled: Compiled, budget: int) -> None:
     need = compiled.max_need
     if need > budget:
-        worst = max(compiled.groups, key=lambda g: group_need(compiled.graph, g[1]))[0]
+        worst = max(compiled.groups, key=lambda g: compiled.group_need(g[1]))[0]
         raise BudgetExceeded(f"--max-memory {_fmt(budget)} is too small: merging tensor {worst} alone needs "
                              f"{_fmt(need)} (its inputs, the method's float32 workspace and the result); "
                              f"raise --max-memory to at least {_fmt(need)}")
@@ -198,11 +202,12 @@ class Executor:
         if not all_finite(result):
             raise MergeError(f"merging tensor {node.tensor} with '{node.method}' produced inf or NaN; "
                              "check the inputs and the parameters for this tensor")
-        out = result.to(node.dtype)
+        # round to the step's dtype now, unless only sinks consume it (they round it themselves)
+        out = result if node in self.compiled.keep_f32 else result.to(node.dtype)
         del result
         if out.device.type != "cpu":
             out = out.to("cpu")
-        self.stats.alive(node.nbytes)
+        self.stats.alive(self.compiled.value_bytes(node))
         return out
 
     # -- scheduling --------------------------------------------------------------------------
@@ -211,7 +216,7 @@ class Executor:
         limit_allocator_caching()
         groups = self.compiled.groups
         graph = self.compiled.graph
-        needs = [group_need(graph, nodes) for _, nodes in groups]
+        needs = [self.compiled.group_need(nodes) for _, nodes in groups]
         total_bytes = sum(s.nbytes for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
         n_sinks = sum(1 for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
         bar = None
@@ -271,7 +276,7 @@ class Executor:
                         remaining[dep] -= 1
                         if remaining[dep] == 0:
                             values.pop(dep, None)
-                            self.stats.alive(-dep.nbytes)
+                            self.stats.alive(-self.compiled.value_bytes(dep))
 
                 for node in nodes:
                     if isinstance(node, Load):
@@ -281,15 +286,14 @@ class Executor:
                         free_inputs(node)
                     else:
                         value = values[node.value]
-                        if value.dtype != node.dtype:
-                            value = value.to(node.dtype)
+                        extra = 0
+                        if isinstance(node, Emit) and value.dtype != node.dtype:
+                            value = value.to(node.dtype)  # a Write rounds chunk by chunk instead
                             self.stats.alive(node.nbytes)
                             extra = node.nbytes
-                        else:
-                            extra = 0
                         # the sink keeps its own reference; account its bytes until it is written
-                        held = extra + node.value.nbytes
-                        self.stats.alive(node.value.nbytes)
+                        held = extra + self.compiled.value_bytes(node.value)
+                        self.stats.alive(self.compiled.value_bytes(node.value))
                         free_inputs(node)
                         sinks_left -= 1
                         release = release_left if sinks_left == 0 else 0

@@ -212,13 +212,19 @@ class Compiled:
     outputs: dict[str, tuple[list[PlannedTensor], StepLayout]]  # output key -> (tensors, layout)
     files: dict[str, ModelFiles] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # merges whose only consumers are sinks: their float32 result is handed to the sink as is and
+    # rounded there (the writer rounds chunk by chunk, so no rounded copy is ever whole in memory)
+    keep_f32: frozenset = frozenset()
 
     def group_need(self, nodes: list[Any]) -> int:
-        return group_need(self.graph, nodes)
+        return group_need(self.graph, nodes, self.keep_f32)
 
     @property
     def max_need(self) -> int:
-        return max((group_need(self.graph, nodes) for _, nodes in self.groups), default=0)
+        return max((self.group_need(nodes) for _, nodes in self.groups), default=0)
+
+    def value_bytes(self, node: Any) -> int:
+        return value_bytes(node, self.keep_f32)
 
 
 def open_sources(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFiles] | None = None
@@ -310,7 +316,10 @@ def compile_recipe(recipe: Recipe, *, plan_dir: str | None = None, seed: int | N
     graph = nx.DiGraph()
     for s in sinks:
         _add(graph, s)
-    return Compiled(recipe, graph, order_groups(graph, sinks), final.layout, compilers, outputs, files, warnings)
+    keep_f32 = frozenset(n for n in graph if isinstance(n, Merge) and n.dtype != torch.float32
+                         and all(isinstance(c, (Write, Emit)) for c in graph.successors(n)))
+    return Compiled(recipe, graph, order_groups(graph, sinks), final.layout, compilers, outputs, files, warnings,
+                    keep_f32)
 
 
 def _add(graph: nx.DiGraph, node: Any) -> None:
@@ -348,11 +357,19 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, list[An
     return groups
 
 
-def group_need(graph: nx.DiGraph, nodes: list[Any]) -> int:
+def value_bytes(node: Any, keep_f32: frozenset = frozenset()) -> int:
+    """Bytes of a node's value while it is alive."""
+    if node in keep_f32:
+        return _numel(node.shape) * 4
+    return node.nbytes
+
+
+def group_need(graph: nx.DiGraph, nodes: list[Any], keep_f32: frozenset = frozenset()) -> int:
     """Peak bytes alive while running `nodes` in order (the executor's own accounting).
 
-    A value consumed by a Write stays counted until the group ends: the writer thread holds it
-    until it is on disk.
+    A value consumed by a sink stays counted until the group ends: the writer thread holds it
+    until it is on disk. A merge's float32 result is part of its workspace; rounding it to the
+    step's dtype copies it, unless only sinks consume it (they round it themselves).
     """
     remaining = {n: graph.out_degree(n) for n in nodes}
     live = peak = 0
@@ -360,18 +377,17 @@ def group_need(graph: nx.DiGraph, nodes: list[Any]) -> int:
         if isinstance(node, Load):
             live += node.nbytes
         elif isinstance(node, Merge):
-            # the float32 result is part of the workspace; rounding it to another dtype copies it
-            cast = node.nbytes if node.dtype != torch.float32 else 0
+            cast = node.nbytes if (node.dtype != torch.float32 and node not in keep_f32) else 0
             peak = max(peak, live + node.workspace_bytes + cast)
-            live += node.nbytes
-        elif node.dtype != node.value.dtype:  # Write / Emit of a cast copy
-            live += node.nbytes
+            live += value_bytes(node, keep_f32)
+        elif isinstance(node, Emit) and node.dtype != (torch.float32 if node.value in keep_f32 else node.value.dtype):
+            live += node.nbytes  # Emit hands over a rounded copy; a Write rounds chunk by chunk
         peak = max(peak, live)
         sink = isinstance(node, (Write, Emit))
         for dep in inputs_of(node):
             remaining[dep] -= 1
             if remaining[dep] == 0 and not sink:
-                live -= dep.nbytes
+                live -= value_bytes(dep, keep_f32)
     return peak
 
 

@@ -21,6 +21,7 @@ import torch
 from ..dtypes import TORCH_TO_ST, element_size
 from ..errors import MergeError, OutputExists
 
+_CHUNK = 1 << 22  # elements rounded per step when a float32 result is written in a narrower dtype
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -111,6 +112,7 @@ class ShardedWriter:
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
         for shard in layout.shards:
             fd = os.open(os.path.join(folder, shard.file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             _pwrite_all(fd, shard.header, 0)
@@ -118,20 +120,35 @@ class ShardedWriter:
             self._fds[shard.file] = fd
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` at its planned place. A tensor in another dtype than planned (a float32
+        result) is rounded chunk by chunk through a small reused buffer, never copied whole."""
         shard, offset, planned = self.layout.where[name]
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        if tuple(tensor.shape) != planned.shape or (tensor.dtype != planned.dtype and not (
+                tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
                                f"got {tuple(tensor.shape)} {tensor.dtype}")
-        tensor = tensor.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        tensor = tensor.contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         with self._lock:
             if name in self._written:
                 raise RuntimeError(f"tensor {name} written twice")
             self._written.add(name)
-        _pwrite_all(self._fds[shard.file], memoryview(data), offset)
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu", dtype=planned.dtype)
+        tensor = tensor.contiguous().reshape(-1)
+        fd = self._fds[shard.file]
+        if tensor.dtype == planned.dtype:
+            if tensor.numel():
+                _pwrite_all(fd, tensor.view(torch.uint8).numpy(), offset)
+            return
+        scratch = self._scratch.get(planned.dtype)
+        if scratch is None:
+            scratch = self._scratch[planned.dtype] = torch.empty(_CHUNK, dtype=planned.dtype)
+        itemsize = scratch.element_size()
+        for start in range(0, tensor.numel(), _CHUNK):
+            chunk = tensor[start:start + _CHUNK]
+            out = scratch[:chunk.numel()]
+            out.copy_(chunk)
+            _pwrite_all(fd, out.view(torch.uint8).numpy(), offset + start * itemsize)
 
     def finish(self) -> dict:
         """Check every tensor was written, flush to disk, write the index; returns the index."""

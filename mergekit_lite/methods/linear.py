@@ -11,11 +11,28 @@ import torch
 from . import Param, register
 
 
+def as_float32(tensor: torch.Tensor, buf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`tensor` in float32: itself when it already is, else converted into the reused buffer `buf`
+    (allocated on first use). Converting into a buffer and then doing float32 arithmetic is several
+    times faster on CPU than mixed-dtype arithmetic, and reuses memory already paged in."""
+    if tensor.dtype == torch.float32:
+        return tensor, buf
+    if buf is None:
+        buf = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+    buf.copy_(tensor)
+    return buf, buf
+
+
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ_i w_i·θ_i in float32, accumulating one input at a time (one float32 buffer in all)."""
-    acc = tensors[0].to(torch.float32) * weights[0]
+    """Σ_i w_i·θ_i in float32, accumulating one input at a time (an accumulator and one
+    conversion buffer in all)."""
+    acc = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    acc.copy_(tensors[0])
+    acc.mul_(weights[0])
+    buf = None
     for tensor, w in zip(tensors[1:], weights[1:]):
-        acc.add_(tensor, alpha=w)  # mixed-dtype add upcasts element-wise, without a float32 copy
+        value, buf = as_float32(tensor, buf)
+        acc.add_(value, alpha=w)
     return acc
 
 
@@ -34,7 +51,7 @@ def _check(params: dict) -> str | None:
     ),
     base="none",
     paper="https://arxiv.org/abs/2203.05482",
-    workspace=lambda n: 1.0,
+    workspace=lambda n: 2.0,
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
            normalize: bool) -> torch.Tensor:
