@@ -1,9 +1,270 @@
-"""Benchmark placeholder (filled in below)."""
+"""``mergekit-lite bench``: throughput and peak memory, side by side with mergekit when installed.
+
+Synthetic Llama-shaped checkpoints of a chosen size are generated once (and reused), then each
+scenario runs in a fresh process per tool:
+
+- ``linear`` (and any other method named with ``--methods``): one merge of N fine-tunes;
+- ``multistep``: a 3-step recipe, run by mergekit-lite in one pass and, for comparison, as three
+  separate runs writing intermediates (by mergekit-lite and, when installed, by mergekit).
+
+For each run it reports wall time, throughput (GB written per second), and peak RSS above the
+interpreter's baseline (the same interpreter with the tool imported, measured separately), next to
+the streaming bound (inputs + 3) × the largest tensor in float32. Machines are noisy: compare the
+ratios in one run, not absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+_WRAP = textwrap.dedent("""
+    import json, resource, subprocess, sys, time
+    t = time.perf_counter()
+    r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t
+    print(json.dumps({"rc": r.returncode, "seconds": dt,
+                      "maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                      "stderr": r.stderr.decode(errors="replace")[-3000:]}))
+""")
 
 
-def add_arguments(p):
-    pass
+def add_arguments(p) -> None:
+    p.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mergekit-lite-bench"),
+                   help="work folder for the generated models and outputs [$TMPDIR/mergekit-lite-bench]")
+    p.add_argument("--size-gb", type=float, default=1.0, help="size of each generated checkpoint [1.0]")
+    p.add_argument("--models", type=int, default=3, help="number of fine-tunes merged [3]")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="storage dtype of the generated checkpoints [bfloat16]")
+    p.add_argument("--methods", default="linear", help="comma-separated methods to time [linear]")
+    p.add_argument("--multistep", action="store_true", help="also time a 3-step recipe")
+    p.add_argument("--mergekit", default=None, metavar="PATH",
+                   help="mergekit-yaml executable [found on PATH; skipped when absent]")
+    p.add_argument("--device", default="cpu", help="device for both tools [cpu]")
+    p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept [1]")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def run_bench(args):
-    raise NotImplementedError
+# ------------------------------------------------------------------------------------------------
+# synthetic models
+
+
+def _shapes(size_gb: float, itemsize: int) -> dict[str, tuple[int, ...]]:
+    """Llama-like shapes (hidden 2048, vocab 32000) with as many layers as fit in `size_gb`."""
+    h, inter, vocab = 2048, 5632, 32000
+    per_layer = (4 * h * h + 3 * h * inter + 2 * h) * itemsize
+    fixed = (2 * vocab * h + h) * itemsize
+    layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
+                       p + "self_attn.k_proj.weight": (h, h), p + "self_attn.v_proj.weight": (h, h),
+                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
+    return shapes
+
+
+def _make_models(work: str, n: int, size_gb: float, dtype_name: str) -> dict[str, str]:
+    import torch
+
+    from .examples import LLAMA_CONFIG, save_model
+
+    dtype = getattr(torch, dtype_name)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shapes = _shapes(size_gb, itemsize)
+    layers = sum(1 for k in shapes if k.endswith("input_layernorm.weight"))
+    cfg = dict(LLAMA_CONFIG, hidden_size=2048, intermediate_size=5632, vocab_size=32000, num_hidden_layers=layers,
+               num_attention_heads=16, num_key_value_heads=16, head_dim=128, torch_dtype=dtype_name)
+    tag = f"{size_gb:g}gb-{dtype_name}"
+    paths = {}
+    for i, name in enumerate(["base"] + [f"ft{j}" for j in range(n)]):
+        folder = os.path.join(work, "models", tag, name)
+        paths[name] = folder
+        if os.path.exists(os.path.join(folder, "config.json")):
+            continue
+        gen = torch.Generator().manual_seed(1234 + i)
+        base_gen = torch.Generator().manual_seed(1234)
+        tensors = {}
+        for key, shape in shapes.items():
+            t = torch.randn(shape, generator=base_gen) * 0.02
+            if i:
+                t += torch.randn(shape, generator=gen) * 0.002
+            tensors[key] = t.to(dtype)
+        save_model(folder + ".tmp", tensors, cfg, max_shard_bytes=2_000_000_000, tokenizer=False)
+        os.replace(folder + ".tmp", folder)
+        del tensors
+    return paths
+
+
+def _largest_f32(size_gb: float, dtype_name: str) -> int:
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype_name]
+    shapes = _shapes(size_gb, itemsize)
+    return max(4 * _numel(s) for s in shapes.values())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# plans
+
+
+def _plan_single(method: str, paths: dict[str, str], n: int, dtype: str) -> str:
+    fts = [paths[f"ft{j}"] for j in range(n)]
+    if method == "linear":
+        models = "".join(f"  - model: {p}\n    parameters: {{weight: {1.0 / n:.4f}}}\n" for p in fts)
+        return f"merge_method: linear\nmodels:\n{models}dtype: {dtype}\n"
+    params = {"ties": "weight: 1.0, density: 0.5", "dare_ties": "weight: 1.0, density: 0.5",
+              "dare_linear": "weight: 1.0, density: 0.5", "task_arithmetic": "weight: 0.5",
+              "breadcrumbs": "weight: 1.0, density: 0.9, gamma: 0.01"}.get(method, "weight: 1.0")
+    models = "".join(f"  - model: {p}\n    parameters: {{{params}}}\n" for p in fts)
+    return f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n{models}dtype: {dtype}\n"
+
+
+def _plan_steps(paths: dict[str, str], dtype: str, inter: dict[str, str] | None) -> list[str]:
+    """The 3-step recipe, as one multi-document plan (`inter` None) or as three separate plans whose
+    intermediates live in the folders `inter` names."""
+    a, b, c, base = paths["ft0"], paths["ft1"], paths.get("ft2", paths["ft0"]), paths["base"]
+    s1 = f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n" \
+         f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\ndtype: {dtype}\n"
+    one = inter["one"] if inter else "one"
+    s2 = f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - {{model: {one}, parameters: {{weight: 1.0}}}}\n" \
+         f"  - {{model: {c}, parameters: {{weight: -0.3}}}}\ndtype: {dtype}\n"
+    two = inter["two"] if inter else "two"
+    s3 = f"merge_method: linear\nmodels:\n  - {{model: {two}, parameters: {{weight: 0.7}}}}\n" \
+         f"  - {{model: {a}, parameters: {{weight: 0.3}}}}\ndtype: {dtype}\n"
+    if inter is None:
+        return ["name: one\n" + s1 + "---\nname: two\n" + s2 + "---\n" + s3]
+    return [s1, s2, s3]
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _measure(cmd: list[str], repeat: int, cleanup: list[str]) -> dict[str, Any]:
+    best: dict[str, Any] | None = None
+    for _ in range(max(1, repeat)):
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True)
+        result = json.loads(out.stdout)
+        if result["rc"] != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result['stderr']}")
+        if best is None or result["seconds"] < best["seconds"]:
+            best = result
+    return best
+
+
+def _mergekit_python(mk: str) -> str:
+    with open(mk, "rb") as fh:
+        first = fh.readline().decode(errors="replace").strip()
+    return first[2:].strip() if first.startswith("#!") else sys.executable
+
+
+def _row(name: str, tool: str, result: dict, baseline: int, written: int, bound: int) -> dict:
+    extra = max(0, result["maxrss"] - baseline)
+    return {"scenario": name, "tool": tool, "seconds": round(result["seconds"], 3),
+            "gb_per_s": round(written / 1e9 / result["seconds"], 4), "peak_rss_over_baseline": extra,
+            "bound": bound, "within_bound": extra <= bound}
+
+
+def run_bench(args) -> dict[str, Any]:
+    work = os.path.abspath(args.dir)
+    os.makedirs(work, exist_ok=True)
+    n = args.models
+    paths = _make_models(work, max(n, 3 if args.multistep else n), args.size_gb, args.dtype)
+    mk = args.mergekit or shutil.which("mergekit-yaml")
+    if mk and not os.path.exists(mk):
+        raise SystemExit(f"--mergekit {mk}: not found")
+    ours = [sys.executable, "-m", "mergekit_lite"]
+    base_ours = _measure([sys.executable, "-c", "import torch, mergekit_lite.merge, mergekit_lite.executor"], 1, [])
+    base_mk = None
+    if mk:
+        base_mk = _measure([_mergekit_python(mk), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"], 1, [])
+    largest = _largest_f32(args.size_gb, args.dtype)
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    written = sum(_numel(s) for s in _shapes(args.size_gb, itemsize).values()) * itemsize
+    rows = []
+    plans = os.path.join(work, "plans")
+    os.makedirs(plans, exist_ok=True)
+    from . import methods as registry
+
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        registry.get(method)
+        plan = os.path.join(plans, f"{method}.yml")
+        with open(plan, "w") as fh:
+            fh.write(_plan_single(method, paths, n, args.dtype))
+        out = os.path.join(work, "out-lite")
+        bound = (n + (method != "linear") + 3) * largest
+        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
+        rows.append(_row(f"{method} {n}x{args.size_gb:g}GB", "mergekit-lite", r, base_ours["maxrss"], written, bound))
+        if mk:
+            out = os.path.join(work, "out-mk")
+            extra = ["--cuda"] if args.device.startswith("cuda") else []
+            r = _measure([mk, plan, out, *extra], args.repeat, [out])
+            rows.append(_row(f"{method} {n}x{args.size_gb:g}GB", "mergekit", r, base_mk["maxrss"], written, bound))
+
+    if args.multistep:
+        name = f"3-step recipe {args.size_gb:g}GB"
+        bound = (4 + 3) * largest
+        plan = os.path.join(plans, "multistep.yml")
+        with open(plan, "w") as fh:
+            fh.write(_plan_steps(paths, args.dtype, None)[0])
+        out = os.path.join(work, "out-lite")
+        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
+        rows.append(_row(name, "mergekit-lite (one pass)", r, base_ours["maxrss"], written, bound))
+        inter = {"one": os.path.join(work, "inter-one"), "two": os.path.join(work, "inter-two")}
+        stages = _plan_steps(paths, args.dtype, inter)
+        targets = [inter["one"], inter["two"], os.path.join(work, "out-stages")]
+        for tool, cmd_of, base in (("mergekit-lite (3 runs)", lambda p, o: ours + ["run", p, o, "--overwrite", "-q",
+                                                                                  "--device", args.device], base_ours),
+                                   ("mergekit (3 runs)", (lambda p, o: [mk, p, o]) if mk else None, base_mk)):
+            if cmd_of is None:
+                continue
+            total = {"seconds": 0.0, "maxrss": 0}
+            for i, (text, target) in enumerate(zip(stages, targets)):
+                stage_plan = os.path.join(plans, f"stage{i + 1}.yml")
+                with open(stage_plan, "w") as fh:
+                    fh.write(text)
+                r = _measure(cmd_of(stage_plan, target), 1, [target])
+                total["seconds"] += r["seconds"]
+                total["maxrss"] = max(total["maxrss"], r["maxrss"])
+            rows.append(_row(name, tool, total, base["maxrss"], written, bound))
+        for t in targets:
+            shutil.rmtree(t, ignore_errors=True)
+
+    lines = [f"{'scenario':<26} {'tool':<26} {'seconds':>8} {'GB/s':>8} {'peak RSS - base':>16} {'bound':>10}"]
+    for r in rows:
+        lines.append(f"{r['scenario']:<26} {r['tool']:<26} {r['seconds']:>8.2f} {r['gb_per_s']:>8.3f} "
+                     f"{r['peak_rss_over_baseline'] / 1e6:>13.0f} MB {r['bound'] / 1e6:>7.0f} MB"
+                     + ("" if r["within_bound"] else "  (over)"))
+    ratios = []
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        group = [r for r in rows if r["scenario"] == scenario]
+        lite = next(r for r in group if r["tool"].startswith("mergekit-lite"))
+        for other in group:
+            if other is lite:
+                continue
+            ratios.append({"scenario": scenario, "versus": other["tool"],
+                           "speedup": round(other["seconds"] / lite["seconds"], 2),
+                           "rss_ratio": round(lite["peak_rss_over_baseline"] / max(1, other["peak_rss_over_baseline"]), 2)})
+            lines.append(f"{scenario}: mergekit-lite is {ratios[-1]['speedup']}x as fast as {other['tool']}, "
+                         f"peak RSS {ratios[-1]['rss_ratio']}x of it")
+    if not mk:
+        lines.append("mergekit not found (pip install mergekit, or pass --mergekit PATH): its columns are skipped")
+    return {"rows": rows, "ratios": ratios, "largest_tensor_f32": largest, "bytes_written": written,
+            "baseline_rss": {"mergekit-lite": base_ours["maxrss"], "mergekit": base_mk["maxrss"] if base_mk else None},
+            "text": "\n".join(lines)}
