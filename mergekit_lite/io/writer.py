@@ -195,8 +195,10 @@ class OutputFolder:
         if os.path.exists(self.out) and not overwrite:
             raise OutputExists(f"{out} already exists; choose another output folder or pass --overwrite")
         parent = os.path.dirname(self.out)
-        if not os.path.isdir(parent):
-            raise MergeError(f"{out}: the parent folder {parent} does not exist")
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise MergeError(f"{out}: cannot create the parent folder {parent}: {exc}") from None
         self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.tmp-{os.getpid()}")
         self.committed = False
 
