@@ -14,6 +14,12 @@ def acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # an ATen reduction rather than torch.dot: BLAS dot products stall when called from a thread
+    # while the executor's reader threads are busy (milliseconds per call on small tensors)
+    return (x * y).sum()
+
+
 def dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(a·a, b·b, a·b) over all entries, accumulated in float64 chunk by chunk."""
     fa, fb = a.reshape(-1), b.reshape(-1)
@@ -22,9 +28,9 @@ def dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     for start in range(0, fa.numel(), CHUNK):
         x = fa[start:start + CHUNK].to(dt)
         y = fb[start:start + CHUNK].to(dt)
-        aa = aa + torch.dot(x, x)
-        bb = bb + torch.dot(y, y)
-        ab = ab + torch.dot(x, y)
+        aa = aa + _dot(x, x)
+        bb = bb + _dot(y, y)
+        ab = ab + _dot(x, y)
     return float(aa), float(bb), float(ab)
 
 
@@ -35,7 +41,7 @@ def sq_norm(a: torch.Tensor) -> float:
     total = torch.zeros((), dtype=dt, device=a.device)
     for start in range(0, fa.numel(), CHUNK):
         x = fa[start:start + CHUNK].to(dt)
-        total = total + torch.dot(x, x)
+        total = total + _dot(x, x)
     return float(total)
 
 
@@ -45,7 +51,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     dt = acc_dtype(a.device)
     total = torch.zeros((), dtype=dt, device=a.device)
     for start in range(0, fa.numel(), CHUNK):
-        total = total + torch.dot(fa[start:start + CHUNK].to(dt), fb[start:start + CHUNK].to(dt))
+        total = total + _dot(fa[start:start + CHUNK].to(dt), fb[start:start + CHUNK].to(dt))
     return float(total)
 
 
