@@ -167,10 +167,7 @@ class Executor:
 
     # -- node execution ----------------------------------------------------------------------
     def _load(self, node: Load) -> torch.Tensor:
-        tensor = self.reader.read(node.file, node.tensor)
-        if tuple(tensor.shape) != node.shape or tensor.dtype != node.dtype:  # file changed since planning
-            raise MergeError(f"{node.model}: tensor {node.tensor} is {tuple(tensor.shape)} {tensor.dtype} on disk, "
-                             f"but its header said {node.shape} {node.dtype}; was the file modified during the merge?")
+        tensor = self.reader.read(node.file, node.offset, node.shape, node.dtype)
         self.stats.alive(node.nbytes)
         with self.stats._lock:
             self.stats.bytes_read += node.nbytes

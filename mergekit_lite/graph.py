@@ -42,6 +42,7 @@ class Load:
     shape: tuple[int, ...]
     dtype: torch.dtype
     model: str  # label for messages
+    offset: int = 0  # of the tensor's bytes in the file
 
     @property
     def nbytes(self) -> int:
@@ -140,7 +141,7 @@ class FileSource:
 
     def node(self, tensor: str, group: str) -> Load:
         meta: TensorMeta = self.files.tensors[tensor]
-        return Load(meta.file, tensor, group, meta.shape, meta.dtype, self.label)
+        return Load(meta.file, tensor, group, meta.shape, meta.dtype, self.label, meta.offset)
 
 
 class StepSource:

@@ -1,8 +1,15 @@
 """Lazy reading of safetensors models.
 
-At plan time only headers are read (8-byte length + JSON): names, shapes, dtypes and where each
-tensor lives. Tensor bytes are read one tensor at a time through ``safetensors.safe_open`` when the
+At plan time only headers are read (8-byte length + JSON, the safetensors format): names, shapes,
+dtypes and where each tensor's bytes are. Tensor bytes are read one tensor at a time when the
 executor asks for them, so a model is never held in memory whole.
+
+Bytes are read with positioned reads (``pread``) into memory owned by the tensor, not through
+``safetensors.safe_open``: safe_open maps the whole file, and every page a merge touches then
+stays mapped, and counted in the process's resident memory, until the file is closed, so peak RSS
+grows with the model size (measured: +2.9 GB of file-backed RSS merging three 1 GB models). With
+positioned reads a tensor's memory is released with the tensor, and the read happens on the reading
+thread, overlapping the merge of the previous tensor. The tests check every read against safe_open.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..dtypes import ST_TO_TORCH, element_size
 from ..errors import ModelNotFound
@@ -33,7 +39,7 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
-    offset: int  # of its bytes within the file's data section
+    offset: int  # of its first byte in the file
 
     @property
     def numel(self) -> int:
@@ -55,6 +61,7 @@ def read_header(file: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
             if len(raw) != 8:
                 raise ValueError("file is shorter than a safetensors header")
             (n,) = struct.unpack("<Q", raw)
+            data_start = 8 + n
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is not plausible")
             header = json.loads(fh.read(n))
@@ -66,8 +73,12 @@ def read_header(file: str) -> tuple[dict[str, TensorMeta], dict[str, str]]:
         code = info.get("dtype")
         if code not in ST_TO_TORCH:
             raise ModelNotFound(f"{file}: tensor {name} has dtype {code}, which mergekit-lite cannot read")
-        tensors[name] = TensorMeta(name, tuple(int(d) for d in info["shape"]), ST_TO_TORCH[code], file,
-                                   int(info["data_offsets"][0]))
+        begin, end = (int(x) for x in info["data_offsets"])
+        meta = TensorMeta(name, tuple(int(d) for d in info["shape"]), ST_TO_TORCH[code], file, data_start + begin)
+        if end - begin != meta.nbytes:
+            raise ModelNotFound(f"{file}: tensor {name} spans {end - begin} bytes but its shape {list(meta.shape)} "
+                                f"and dtype {code} need {meta.nbytes}; the file is corrupt")
+        tensors[name] = meta
     return tensors, metadata
 
 
@@ -143,32 +154,44 @@ def _read_config(folder: str) -> dict[str, Any]:
 
 
 class TensorReader:
-    """Reads tensors by file and name, keeping a few ``safe_open`` handles open.
+    """Reads tensors with positioned reads, keeping a few files open. Thread-safe."""
 
-    Thread-safe: reads of different files proceed in parallel; reads of one file are serialized.
-    """
-
-    def __init__(self, max_open: int = 16):
-        self._handles: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+    def __init__(self, max_open: int = 64):
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
         self._max_open = max_open
 
-    def _handle(self, file: str):
+    def _fd(self, file: str) -> int:
         with self._lock:
-            if file in self._handles:
-                self._handles.move_to_end(file)
-                return self._handles[file]
-            entry = (safe_open(file, framework="pt", device="cpu"), threading.Lock())
-            self._handles[file] = entry
-            while len(self._handles) > self._max_open:
-                self._handles.popitem(last=False)
-            return entry
+            if file in self._fds:
+                self._fds.move_to_end(file)
+                return self._fds[file]
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+            while len(self._fds) > self._max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
 
-    def read(self, file: str, name: str) -> torch.Tensor:
-        handle, lock = self._handle(file)
-        with lock:
-            return handle.get_tensor(name)
+    def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The tensor of `shape` and `dtype` whose bytes start at `offset` in `file`."""
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * element_size(dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            fd = self._fd(file)
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise ModelNotFound(f"{file}: ends before the bytes its header promises (truncated file?)")
+                done += got
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         with self._lock:
-            self._handles.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
