@@ -213,3 +213,15 @@ def test_hub_repo_id_offline_without_cache_is_a_clear_error(models, tmp_path, ou
     with pytest.raises(ModelNotFound, match="someorg/some-model"):
         mergekit_lite.run(ta_plan(tmp_path, p), out_dir)
     assert resolve.looks_like_repo_id("org/name") and not resolve.looks_like_repo_id("./org/name")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_matches_cpu(models, tmp_path):
+    plan = ta_plan(tmp_path, models["paths"], "dtype: float32")
+    mergekit_lite.run(plan, str(tmp_path / "cpu"), device="cpu")
+    stats = mergekit_lite.run(plan, str(tmp_path / "cuda"), device="cuda")
+    assert stats.device.startswith("cuda")
+    a, b = load_dir(str(tmp_path / "cpu")), load_dir(str(tmp_path / "cuda"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
