@@ -268,15 +268,7 @@ class TaskVector:
             if not _same(self.base, other.base):
                 raise TypeError(f"cannot add task vectors taken against different bases ({self.base!r} and "
                                 f"{other.base!r})")
-            terms: list[tuple[Expr, float]] = list(self.terms)
-            for x, c in other.terms:
-                for i, (y, w) in enumerate(terms):
-                    if _same(x, y):
-                        terms[i] = (y, w + c)
-                        break
-                else:
-                    terms.append((x, c))
-            return TaskVector(tuple(terms), self.base)
+            return TaskVector(_add_terms(self.terms, other.terms), self.base)
         if isinstance(other, Expr):
             return _apply(other, self)
         return _no_number("add", other)
@@ -345,15 +337,7 @@ class _Combo(Expr):
 
     def __add__(self, other: Any):
         if isinstance(other, Expr) and not isinstance(other, TaskVector):
-            terms = list(self.terms)
-            for x, c in _Combo.of(other).terms:
-                for i, (y, w) in enumerate(terms):
-                    if _same(x, y):
-                        terms[i] = (y, w + c)
-                        break
-                else:
-                    terms.append((x, c))
-            return _Combo(tuple(terms))._checked()
+            return _Combo(_add_terms(self.terms, _Combo.of(other).terms))._checked()
         return Expr.__add__(self, other)
 
     __radd__ = __add__
@@ -456,6 +440,20 @@ def _apply(model: Expr, tv: TaskVector) -> Expr:
                        {})._checked()
     total = sum(c for _, c in tv.terms)
     return _Combo.of(model) + _Combo(tuple(tv.terms) + ((tv.base, -total),))
+
+
+def _add_terms(terms: tuple[tuple[Expr, float], ...], more: tuple[tuple[Expr, float], ...]
+               ) -> tuple[tuple[Expr, float], ...]:
+    """Σ cⱼ·xⱼ + Σ dₖ·yₖ, adding the coefficients of the same model."""
+    out = list(terms)
+    for x, c in more:
+        for i, (y, w) in enumerate(out):
+            if _same(x, y):
+                out[i] = (y, w + c)
+                break
+        else:
+            out.append((x, c))
+    return tuple(out)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -23,6 +23,8 @@ import sys
 import textwrap
 from typing import Any
 
+from .dtypes import numel
+
 _WRAP = textwrap.dedent("""
     import json, resource, subprocess, sys, time
     t = time.perf_counter()
@@ -107,14 +109,7 @@ def _make_models(work: str, n: int, size_gb: float, dtype_name: str) -> dict[str
 def _largest_f32(size_gb: float, dtype_name: str) -> int:
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype_name]
     shapes = _shapes(size_gb, itemsize)
-    return max(4 * _numel(s) for s in shapes.values())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return max(4 * numel(s) for s in shapes.values())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +191,7 @@ def run_bench(args) -> dict[str, Any]:
         base_mk = _measure([_mergekit_python(mk), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"], 1, [])
     largest = _largest_f32(args.size_gb, args.dtype)
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    written = sum(_numel(s) for s in _shapes(args.size_gb, itemsize).values()) * itemsize
+    written = sum(numel(s) for s in _shapes(args.size_gb, itemsize).values()) * itemsize
     rows = []
     plans = os.path.join(work, "plans")
     os.makedirs(plans, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 
 from . import methods
 from .arch import detect
-from .dtypes import element_size
+from .dtypes import element_size, numel
 from .errors import ModelNotFound, TensorNotFound
 from .io.reader import ModelFiles, TensorMeta, open_model
 from .io.resolve import resolve_model
@@ -46,7 +46,7 @@ class Load:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * element_size(self.dtype)
+        return numel(self.shape) * element_size(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -65,49 +65,44 @@ class Merge:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * element_size(self.dtype)
+        return numel(self.shape) * element_size(self.dtype)
 
     @property
     def workspace_bytes(self) -> int:
         """Peak float32 temporaries of the method call (result included)."""
         n = len(self.inputs) + (self.base is not None)
-        return int(methods.get(self.method).workspace(n) * _numel(self.shape) * 4)
+        return int(methods.get(self.method).workspace(n) * numel(self.shape) * 4)
+
+
+class _Sink:
+    value: "Node"
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the value in the sink's dtype."""
+        return numel(self.value.shape) * element_size(self.dtype)
 
 
 @dataclass(frozen=True)
-class Write:
+class Write(_Sink):
     output: str  # output folder key ("" for the main output)
     tensor: str
     value: "Node"
     dtype: torch.dtype
     group: str
 
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.value.shape) * element_size(self.dtype)
-
 
 @dataclass(frozen=True)
-class Emit:
+class Emit(_Sink):
     tensor: str
     value: "Node"
     dtype: torch.dtype
     group: str
 
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.value.shape) * element_size(self.dtype)
-
 
 Node = Union[Load, Merge]
 Sink = Union[Write, Emit]
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def inputs_of(node: Any) -> tuple:
@@ -361,7 +356,7 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, list[An
 def value_bytes(node: Any, keep_f32: frozenset = frozenset()) -> int:
     """Bytes of a node's value while it is alive."""
     if node in keep_f32:
-        return _numel(node.shape) * 4
+        return numel(node.shape) * 4
     return node.nbytes
 
 
@@ -408,5 +403,5 @@ def describe(compiled: Compiled) -> dict[str, Any]:
         "max_inputs_per_tensor": max(per_tensor, default=0),
         "min_inputs_per_tensor": min(per_tensor, default=0),
         "peak_step_bytes": compiled.max_need,
-        "largest_tensor_f32": max((_numel(n.shape) * 4 for n in loads), default=0),
+        "largest_tensor_f32": max((numel(n.shape) * 4 for n in loads), default=0),
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import ST_TO_TORCH, element_size
+from ..dtypes import ST_TO_TORCH, element_size, numel
 from ..errors import ModelNotFound
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -43,10 +43,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -174,10 +171,7 @@ class TensorReader:
 
     def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The tensor of `shape` and `dtype` whose bytes start at `offset` in `file`."""
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * element_size(dtype)
+        nbytes = numel(shape) * element_size(dtype)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dtypes import TORCH_TO_ST, element_size
+from ..dtypes import TORCH_TO_ST, element_size, numel
 from ..errors import MergeError, OutputExists
 
 _CHUNK = 1 << 22  # elements rounded per step when a float32 result is written in a narrower dtype
@@ -46,10 +46,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = element_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape) * element_size(self.dtype)
 
 
 @dataclass

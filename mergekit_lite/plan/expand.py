@@ -16,7 +16,7 @@ import torch
 
 from .. import methods
 from ..arch import Architecture, get_dotted, natural_key, set_dotted, split_layer
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import dtype_name, numel, parse_dtype
 from ..errors import Issue, PlanError, ShapeMismatch, TensorNotFound
 from .params import resolve
 from .schema import MergePlan, ModelRef, OutputSlice, SliceSource
@@ -60,10 +60,7 @@ class OutputTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 @dataclass
