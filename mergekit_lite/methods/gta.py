@@ -177,6 +177,6 @@ def rescale_mode_param(default: str) -> Param:
 
 def gta_workspace(extra_per_model: float = 0.25, sparsify: float = 3.0) -> Callable[[int], float]:
     """Float32 temporaries of :func:`generalized_task_arithmetic`, in output-sized units: the
-    upcast base, the task-vector buffer, the vote or the running sum, the divisor, the sparsifier's
-    own scratch and one kept mask (or scale) per model."""
-    return lambda n: 4.0 + sparsify + extra_per_model * max(0, n - 1)
+    upcast base, the task-vector buffer (and an upcast input while it is formed), the vote or the
+    running sum, the divisor, the sparsifier's own scratch and one kept mask (or scale) per model."""
+    return lambda n: 5.0 + sparsify + extra_per_model * max(0, n - 1)

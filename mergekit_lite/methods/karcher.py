@@ -36,7 +36,7 @@ def _check(params: dict) -> str | None:
     base="none",
     min_models=1,
     paper="https://arxiv.org/abs/2603.04972",
-    workspace=lambda n: 3.0,
+    workspace=lambda n: 4.0,  # the mean, the tangent, an upcast input, dot scratch
 )
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], max_iter: int = 10,
             tol: float = 1e-5) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _check(params: dict) -> str | None:
     base="optional",
     min_models=1,
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    workspace=lambda n: 3.0,  # the upcast base, one task vector, the mean
+    workspace=lambda n: 5.0,  # the upcast base, one task vector (and its upcast), the mean, dot scratch
 )
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -31,4 +31,4 @@ def nearswap(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> to
     w = (base32 - tensors[0]).abs_().clamp_(min=1e-6)
     w.reciprocal_().mul_(t).clamp_(0.0, 1.0)  # t/|Δ| as torch evaluates it (1/|Δ|·t), as mergekit
     out = tensors[0].to(torch.float32) * w
-    return out.add_(base32 * (1.0 - w))
+    return out.add_(w.neg_().add_(1.0).mul_(base32))  # + (1 − w)·θ_base, in w's buffer

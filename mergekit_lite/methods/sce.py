@@ -26,7 +26,7 @@ def _topk_check(value: float) -> str | None:
     base="required",
     min_models=1,
     paper="https://arxiv.org/abs/2408.07990",
-    workspace=lambda n: 6.0,
+    workspace=lambda n: 7.0,
 )
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0,
         int8_mask: bool = False) -> torch.Tensor:
