@@ -37,6 +37,16 @@ def test_drop_and_rescale_survivors_are_divided_by_density():
     assert drop_and_rescale(tau, 1.0, gens(3)[0]) is None
 
 
+def test_dare_linear_hand_worked_with_a_pinned_seed():
+    """Pins the mask stream: seed 1 draws u = 0.7576, 0.2793, 0.4031, 0.7347, 0.0293, 0.7999, so at
+    density 0.5 entries 1, 2 and 4 survive (u < 0.5), doubled; a changed stream fails here."""
+    base = torch.ones(6)
+    model = base + torch.tensor([2.0, -4.0, 6.0, 8.0, -1.0, 3.0])
+    out = dare_linear([model], base, weight=[0.5], density=[0.5], generators=gens(1))
+    # θ = 1 + 0.5·(m ⊙ τ / 0.5) = 1 + m ⊙ τ
+    assert out.tolist() == [1.0, -3.0, 7.0, 1.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
 def test_dare_keeps_a_fraction_within_one_percent_of_density(density):
     mask = bernoulli_mask((1000, 1000), density, torch.Generator().manual_seed(17))

@@ -197,3 +197,37 @@ def test_density_outside_unit_interval_is_a_plan_error(models, tmp_path, out_dir
         """)
     with pytest.raises(PlanError, match="density"):
         mergekit_lite.run(plan, out_dir)
+
+
+def test_every_ties_parameter_takes_filters_and_gradients(models, tmp_path, out_dir):
+    p = models["paths"]
+    plan = write_plan(tmp_path, f"""
+        merge_method: ties
+        base_model: {p['base']}
+        models:
+          - model: {p['a']}
+            parameters:
+              weight: [{{filter: mlp, value: [1.0, 0.4]}}, {{value: 0.9}}]
+              density: 0.5
+          - model: {p['c']}
+            parameters:
+              weight: 0.6
+              density: [{{filter: self_attn, value: 0.3}}, {{value: [0.8, 0.4]}}]
+        parameters:
+          lambda: [{{filter: mlp, value: [1.0, 0.5]}}, {{value: 1.2}}]
+          normalize: [{{filter: self_attn, value: false}}, {{value: true}}]
+          sign_election: [{{filter: up_proj, value: count}}, {{value: sum}}]
+        dtype: float32
+        """)
+    mergekit_lite.run(plan, out_dir)
+    got = load_dir(out_dir)
+    tt = models["tensors"]
+    for name, base in tt["base"].items():
+        parts = name.split(".")
+        pos = int(parts[2]) / 3 if len(parts) > 2 and parts[1] == "layers" else 0.0
+        wa = 1.0 - 0.6 * pos if "mlp" in name else 0.9
+        dc = 0.3 if "self_attn" in name else 0.8 - 0.4 * pos
+        lam = 1.0 - 0.5 * pos if "mlp" in name else 1.2
+        ref = np_ties([tt["a"][name], tt["c"][name]], base, [wa, 0.6], [0.5, dc], lam,
+                      normalize="self_attn" not in name, count="up_proj" in name)
+        np.testing.assert_allclose(got[name].numpy(), ref, rtol=1e-5, atol=1e-6, err_msg=name)

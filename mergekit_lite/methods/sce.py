@@ -33,7 +33,8 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float =
     """SCE over task vectors τ_i = θ_i − θ_base.
 
     Select (``select_topk`` < 1): σ² = Var_i(τ_i) per entry (population variance); keep, for every
-    model, the ⌊select_topk·nnz(σ²)⌋ entries of largest σ² (ties by position), zero the rest.
+    model, the ⌊select_topk·nnz(σ²)⌋ entries of largest σ² (ties by position), zero the rest (when
+    that count is 0, as on a tiny tensor, every entry is zeroed and the base is kept, as in mergekit).
     Calculate: w_i = mean(τ_i²)/Σ_j mean(τ_j²) (uniform when Σ_j mean(τ_j²) < 1e-6, mergekit's
     rule, which the paper does not have; kept for identical outputs). Erase: s = sign(Σ_i τ_i);
     θ = θ_base + Σ_{i: sign τ_i = s} w_i·τ_i / max(Σ_{i: sign τ_i = s} w_i, 1e-6).
