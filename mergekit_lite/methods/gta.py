@@ -32,6 +32,14 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32) - base.to(torch.float32)
 
 
+def task_vector_into(out: torch.Tensor, tensor: torch.Tensor, base32: torch.Tensor) -> torch.Tensor:
+    """τ = θ − θ_base written into the float32 buffer `out`; a non-float32 input is converted
+    into `out` first (a mixed-dtype subtraction would allocate a float32 copy of it)."""
+    if tensor.dtype == torch.float32:
+        return torch.sub(tensor, base32, out=out)
+    return out.copy_(tensor).sub_(base32)
+
+
 def sum_of_weights(weights: list[float]) -> float:
     """Σ w_i, with mergekit's guard: a sum within 1e-8 of zero counts as 1 (no normalization)."""
     total = float(sum(weights))
@@ -114,7 +122,7 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
     def weighted() -> Iterator[tuple[torch.Tensor, float]]:
         """w_i·τ̂_i for each model, formed in `buf`; sparsified on the first pass only."""
         for i, (tensor, w) in enumerate(zip(tensors, weight)):
-            torch.sub(tensor, base32, out=buf)
+            task_vector_into(buf, tensor, base32)
             if first_pass[0] and sparsify is not None:
                 kept[i] = sparsify(i, buf)
             if kept[i] is not None:
@@ -175,8 +183,8 @@ def rescale_mode_param(default: str) -> Param:
                      "l1: scale by ‖τ‖₁/‖τ̂‖₁ (mergekit)")
 
 
-def gta_workspace(extra_per_model: float = 0.25, sparsify: float = 3.0) -> Callable[[int], float]:
+def gta_workspace(extra_per_model: float = 0.25, sparsify: float = 3.5) -> Callable[[int], float]:
     """Float32 temporaries of :func:`generalized_task_arithmetic`, in output-sized units: the
-    upcast base, the task-vector buffer (and an upcast input while it is formed), the vote or the
-    running sum, the divisor, the sparsifier's own scratch and one kept mask (or scale) per model."""
-    return lambda n: 5.0 + sparsify + extra_per_model * max(0, n - 1)
+    upcast base, the task-vector buffer, the vote or the running sum, the divisor, the sparsifier's
+    own scratch and one kept mask (or scale) per model."""
+    return lambda n: 4.0 + sparsify + extra_per_model * max(0, n - 1)

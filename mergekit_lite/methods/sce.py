@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .gta import INT8_MASK, disjoint_merge, elect_sign
+from .gta import INT8_MASK, disjoint_merge, elect_sign, task_vector_into
 from .sparsify import rank_window
 
 
@@ -45,7 +45,7 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float =
     buf = torch.empty_like(base32)
 
     def tv(i: int) -> torch.Tensor:
-        return torch.sub(tensors[i], base32, out=buf)
+        return task_vector_into(buf, tensors[i], base32)
 
     select = None
     if select_topk < 1.0:

@@ -20,7 +20,7 @@ from .gta import sum_of_weights, task_vector  # noqa: F401  (re-exported)
     params=(WEIGHT, LAMBDA, normalize_param(False), INT8_MASK),
     base="required",
     paper="https://arxiv.org/abs/2212.04089",
-    workspace=lambda n: 4.0,  # the upcast base, the task-vector buffer, the sum, an upcast input
+    workspace=lambda n: 3.0,  # the upcast base, the task-vector buffer, the sum
 )
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],
                     lambda_: float, normalize: bool, int8_mask: bool = False) -> torch.Tensor:
