@@ -338,7 +338,9 @@ RANDOM = {
         """,
 }
 
-BF16 = ["task_arithmetic", "ties", "breadcrumbs_ties", "sce", "model_stock", "nearswap"]
+# slerp and linear are left out: mergekit 0.1.5 computes those in float32 too (the results tie)
+BF16 = ["task_arithmetic", "ties", "breadcrumbs_ties", "sce", "model_stock", "nearswap", "nuslerp", "multislerp",
+        "karcher"]
 
 BIG_CONFIG = dict(LLAMA_CONFIG, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
                   num_attention_heads=8, num_key_value_heads=8, head_dim=128)
@@ -426,6 +428,8 @@ def test_random_method_is_statistically_equivalent_to_mergekit(parity, name):
 def _float64_reference(name, tensors, k):
     """The method's formula in numpy float64 on the (bfloat16-valued) inputs, for tensor k."""
     from test_methods_model_stock_sce_nearswap import np_model_stock, np_sce
+    from test_methods_multislerp_karcher import np_karcher, np_multislerp
+    from test_methods_slerp import np_nuslerp
     from test_methods_breadcrumbs import np_breadcrumbs_mask
     from test_methods_ties import np_ties
 
@@ -453,6 +457,13 @@ def _float64_reference(name, tensors, k):
         t = 0.001 + 0.005 * pos
         w = np.clip(t / np.maximum(np.abs(base - a), 1e-6), 0, 1)
         return w * a + (1 - w) * base
+    if name == "nuslerp":
+        t = 0.7 / (0.3 + 0.5 * pos + 0.7)
+        return base + np_nuslerp(t, a - base, b - base, flatten="mlp" not in k, row_wise="up_proj" in k)
+    if name == "multislerp":
+        return np_multislerp([a, b, c], [0.5, 0.3 - 0.2 * pos, 0.2], base)
+    if name == "karcher":
+        return np_karcher([a, b, c], [1.0, 1.0, 1.0], max_iter=20 if "mlp" in k else 5, tol=1e-6)
     raise KeyError(name)
 
 
