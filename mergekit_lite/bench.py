@@ -4,6 +4,8 @@ Synthetic Llama-shaped checkpoints of a chosen size are generated once (and reus
 scenario runs in a fresh process per tool:
 
 - ``linear`` (and any other method named with ``--methods``): one merge of N fine-tunes;
+- ``upscale``: a SOLAR-style depthwise upscale of one model (two copies, a quarter of the layers
+  dropped at the seam), written as slices for mergekit;
 - ``multistep``: a 3-step recipe, run by mergekit-lite in one pass and, for comparison, as three
   separate runs writing intermediates (by mergekit-lite and, when installed, by mergekit).
 
@@ -45,10 +47,13 @@ def add_arguments(p) -> None:
                    help="storage dtype of the generated checkpoints [bfloat16]")
     p.add_argument("--methods", default="linear", help="comma-separated methods to time [linear]")
     p.add_argument("--multistep", action="store_true", help="also time a 3-step recipe")
+    p.add_argument("--upscale", action="store_true", help="also time a SOLAR-style depth upscale of one model")
     p.add_argument("--mergekit", default=None, metavar="PATH",
                    help="mergekit-yaml executable [found on PATH; skipped when absent]")
     p.add_argument("--device", default="cpu", help="device for both tools [cpu]")
     p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept [1]")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden size of the generated models [{HIDDEN}]")
+    p.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary size of the generated models [{VOCAB}]")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -56,9 +61,12 @@ def add_arguments(p) -> None:
 # synthetic models
 
 
-def _shapes(size_gb: float, itemsize: int) -> dict[str, tuple[int, ...]]:
-    """Llama-like shapes (hidden 2048, vocab 32000) with as many layers as fit in `size_gb`."""
-    h, inter, vocab = 2048, 5632, 32000
+HIDDEN, VOCAB = 2048, 32000
+
+
+def _shapes(size_gb: float, itemsize: int, h: int = HIDDEN, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
+    """Llama-like shapes (by default hidden 2048, vocab 32000) with as many layers as fit in `size_gb`."""
+    inter = (h * 11 // 4 + 63) // 64 * 64
     per_layer = (4 * h * h + 3 * h * inter + 2 * h) * itemsize
     fixed = (2 * vocab * h + h) * itemsize
     layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
@@ -74,18 +82,21 @@ def _shapes(size_gb: float, itemsize: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _make_models(work: str, n: int, size_gb: float, dtype_name: str) -> dict[str, str]:
+def _make_models(work: str, n: int, size_gb: float, dtype_name: str, h: int = HIDDEN, vocab: int = VOCAB
+                 ) -> dict[str, str]:
     import torch
 
     from .examples import LLAMA_CONFIG, save_model
 
     dtype = getattr(torch, dtype_name)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shapes = _shapes(size_gb, itemsize)
+    shapes = _shapes(size_gb, itemsize, h, vocab)
     layers = sum(1 for k in shapes if k.endswith("input_layernorm.weight"))
-    cfg = dict(LLAMA_CONFIG, hidden_size=2048, intermediate_size=5632, vocab_size=32000, num_hidden_layers=layers,
-               num_attention_heads=16, num_key_value_heads=16, head_dim=128, torch_dtype=dtype_name)
-    tag = f"{size_gb:g}gb-{dtype_name}"
+    heads = max(1, h // 128)
+    cfg = dict(LLAMA_CONFIG, hidden_size=h, intermediate_size=shapes["model.layers.0.mlp.up_proj.weight"][0],
+               vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+               head_dim=h // heads, torch_dtype=dtype_name)
+    tag = f"{size_gb:g}gb-{dtype_name}-h{h}-v{vocab}"
     paths = {}
     for i, name in enumerate(["base"] + [f"ft{j}" for j in range(n)]):
         folder = os.path.join(work, "models", tag, name)
@@ -106,9 +117,7 @@ def _make_models(work: str, n: int, size_gb: float, dtype_name: str) -> dict[str
     return paths
 
 
-def _largest_f32(size_gb: float, dtype_name: str) -> int:
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype_name]
-    shapes = _shapes(size_gb, itemsize)
+def _largest_f32(shapes: dict[str, tuple[int, ...]]) -> int:
     return max(4 * numel(s) for s in shapes.values())
 
 
@@ -180,7 +189,7 @@ def run_bench(args) -> dict[str, Any]:
     work = os.path.abspath(args.dir)
     os.makedirs(work, exist_ok=True)
     n = args.models
-    paths = _make_models(work, max(n, 3 if args.multistep else n), args.size_gb, args.dtype)
+    paths = _make_models(work, max(n, 3 if args.multistep else n), args.size_gb, args.dtype, args.hidden, args.vocab)
     mk = args.mergekit or shutil.which("mergekit-yaml")
     if mk and not os.path.exists(mk):
         raise SystemExit(f"--mergekit {mk}: not found")
@@ -189,9 +198,10 @@ def run_bench(args) -> dict[str, Any]:
     base_mk = None
     if mk:
         base_mk = _measure([_mergekit_python(mk), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"], 1, [])
-    largest = _largest_f32(args.size_gb, args.dtype)
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    written = sum(numel(s) for s in _shapes(args.size_gb, itemsize).values()) * itemsize
+    shapes = _shapes(args.size_gb, itemsize, args.hidden, args.vocab)
+    largest = _largest_f32(shapes)
+    written = sum(numel(s) for s in shapes.values()) * itemsize
     rows = []
     plans = os.path.join(work, "plans")
     os.makedirs(plans, exist_ok=True)
@@ -211,6 +221,27 @@ def run_bench(args) -> dict[str, Any]:
             extra = ["--cuda"] if args.device.startswith("cuda") else []
             r = _measure([mk, plan, out, *extra], args.repeat, [out])
             rows.append(_row(f"{method} {n}x{args.size_gb:g}GB", "mergekit", r, base_mk["maxrss"], written, bound))
+
+    if args.upscale:
+        layers = sum(1 for k in shapes if k.endswith("input_layernorm.weight"))
+        drop = max(1, layers // 4) if layers > 2 else 0
+        ranges = [(0, layers - drop), (drop, layers)]
+        plan = os.path.join(plans, "upscale.yml")
+        with open(plan, "w") as fh:
+            fh.write("merge_method: passthrough\nslices:\n" + "".join(
+                f"  - sources: [{{model: {paths['base']}, layer_range: [{a}, {b}]}}]\n" for a, b in ranges)
+                + f"dtype: {args.dtype}\n")
+        name = f"upscale {args.size_gb:g}GB x2"
+        per_layer = sum(numel(v) for k, v in shapes.items() if ".layers.0." in k) * itemsize
+        up_written = written + (layers - 2 * drop) * per_layer
+        bound = (1 + 3) * largest
+        out = os.path.join(work, "out-lite")
+        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
+        rows.append(_row(name, "mergekit-lite", r, base_ours["maxrss"], up_written, bound))
+        if mk:
+            out = os.path.join(work, "out-mk")
+            r = _measure([mk, plan, out], args.repeat, [out])
+            rows.append(_row(name, "mergekit", r, base_mk["maxrss"], up_written, bound))
 
     if args.multistep:
         name = f"3-step recipe {args.size_gb:g}GB"
