@@ -79,9 +79,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"mergekit-lite: warning: {w}", file=sys.stderr)
         stats = execute(compiled, args.out, options)
         if not args.quiet:
-            print(f"wrote {stats.tensors} tensors ({stats.bytes_written / 1e9:.3f} GB) to {args.out} in "
-                  f"{stats.seconds:.1f}s on {stats.device}: {stats.throughput / 1e9:.2f} GB/s, "
-                  f"peak tensor memory {stats.peak_live_bytes / 1e6:.0f} MB (budget {stats.budget / 1e6:.0f} MB)")
+            from .io.writer import human_size
+
+            print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {args.out} in "
+                  f"{stats.seconds:.1f}s on {stats.device}: {human_size(stats.throughput)}/s, "
+                  f"peak tensor memory {human_size(stats.peak_live_bytes)} (budget {human_size(stats.budget)})")
         return 0
     if args.command == "plan":
         from .report import plan_report

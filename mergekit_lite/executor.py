@@ -27,6 +27,7 @@ from . import methods
 from .errors import BudgetExceeded, MergeError
 from .graph import Compiled, Emit, Load, Merge, Write, group_need, inputs_of
 from .io.reader import TensorReader
+from .io.writer import human_size
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -131,17 +132,9 @@ def check_budget(compiled: Compiled, budget: int) -> None:
     need = compiled.max_need
     if need > budget:
         worst = max(compiled.groups, key=lambda g: compiled.group_need(g[1]))[0]
-        raise BudgetExceeded(f"--max-memory {_fmt(budget)} is too small: merging tensor {worst} alone needs "
-                             f"{_fmt(need)} (its inputs, the method's float32 workspace and the result); "
-                             f"raise --max-memory to at least {_fmt(need)}")
-
-
-def _fmt(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
+        raise BudgetExceeded(f"--max-memory {human_size(budget)} is too small: merging tensor {worst} alone needs "
+                             f"{human_size(need)} (its inputs, the method's float32 workspace and the result); "
+                             f"raise --max-memory to at least {human_size(need)}")
 
 
 class Executor:

@@ -6,11 +6,8 @@ import json
 
 from . import methods
 from .graph import describe
+from .io.writer import human_size
 from .merge import Options, compile_plan
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False) -> str:
@@ -59,11 +56,11 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     lines += [
         f"output tensors: {info['output_tensors']}",
         f"inputs per merged tensor: {ins}",
-        f"tensor reads: {info['loads']} ({_gb(info['bytes_read'])})",
-        f"bytes written: {_gb(info['bytes_written'])}",
-        f"largest single step needs: {_gb(info['peak_step_bytes'])}",
-        f"memory budget: {_gb(budget)}{' (auto)' if max_memory in (None, 'auto') else ''}",
-        f"estimated peak tensor memory: {_gb(info['estimated_peak_bytes'])}",
+        f"tensor reads: {info['loads']} ({human_size(info['bytes_read'])})",
+        f"bytes written: {human_size(info['bytes_written'])}",
+        f"largest single step needs: {human_size(info['peak_step_bytes'])}",
+        f"memory budget: {human_size(budget)}{' (auto)' if max_memory in (None, 'auto') else ''}",
+        f"estimated peak tensor memory: {human_size(info['estimated_peak_bytes'])}",
     ]
     lines += [f"warning: {w}" for w in compiled.warnings]
     return "\n".join(lines)

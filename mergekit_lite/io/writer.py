@@ -38,6 +38,11 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+def human_size(n: float) -> str:
+    """Bytes for people: GB from 0.1 GB up, else MB (decimal units, as parse_size reads them)."""
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
