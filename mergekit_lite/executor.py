@@ -19,13 +19,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from . import methods
 from .errors import BudgetExceeded, MergeError
-from .graph import Compiled, Emit, Load, Merge, Write, group_need, inputs_of
+from .graph import Compiled, Emit, Load, Merge, Write, inputs_of
 from .io.reader import TensorReader
 from .io.writer import human_size
 
@@ -124,14 +124,13 @@ class Stats:
 def auto_budget(compiled: Compiled) -> int:
     """Default budget: the largest step's need plus room to read ahead (half the largest
     float32 tensor, at least 64 MiB)."""
-    largest = max((n.nbytes * 4 // max(1, n.dtype.itemsize) for n in compiled.graph if isinstance(n, Load)), default=0)
-    return compiled.max_need + max(64 << 20, largest // 2)
+    return compiled.max_need + max(64 << 20, compiled.largest_input_f32 // 2)
 
 
 def check_budget(compiled: Compiled, budget: int) -> None:
     need = compiled.max_need
     if need > budget:
-        worst = max(compiled.groups, key=lambda g: compiled.group_need(g[1]))[0]
+        worst = compiled.groups[compiled.needs.index(need)][0]
         raise BudgetExceeded(f"--max-memory {human_size(budget)} is too small: merging tensor {worst} alone needs "
                              f"{human_size(need)} (its inputs, the method's float32 workspace and the result); "
                              f"raise --max-memory to at least {human_size(need)}")
@@ -206,7 +205,7 @@ class Executor:
         limit_allocator_caching()
         groups = self.compiled.groups
         graph = self.compiled.graph
-        needs = [self.compiled.group_need(nodes) for _, nodes in groups]
+        needs = self.compiled.needs
         total_bytes = sum(s.nbytes for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
         n_sinks = sum(1 for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
         bar = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Union
 
 import networkx as nx
@@ -212,12 +213,19 @@ class Compiled:
     # rounded there (the writer rounds chunk by chunk, so no rounded copy is ever whole in memory)
     keep_f32: frozenset = frozenset()
 
-    def group_need(self, nodes: list[Any]) -> int:
-        return group_need(self.graph, nodes, self.keep_f32)
+    @cached_property
+    def needs(self) -> list[int]:
+        """Peak bytes of each group (see :func:`group_need`), computed once."""
+        return [group_need(self.graph, nodes, self.keep_f32) for _, nodes in self.groups]
 
     @property
     def max_need(self) -> int:
-        return max((self.group_need(nodes) for _, nodes in self.groups), default=0)
+        return max(self.needs, default=0)
+
+    @cached_property
+    def largest_input_f32(self) -> int:
+        """Bytes of the largest tensor read, in float32."""
+        return max((numel(n.shape) * 4 for n in self.graph if isinstance(n, Load)), default=0)
 
     def value_bytes(self, node: Any) -> int:
         return value_bytes(node, self.keep_f32)
@@ -393,7 +401,7 @@ def describe(compiled: Compiled) -> dict[str, Any]:
     loads = [n for n in g if isinstance(n, Load)]
     merges = [n for n in g if isinstance(n, Merge)]
     writes = [n for n in g if isinstance(n, (Write, Emit))]
-    per_tensor = [len([d for d in inputs_of(n)]) for n in merges]
+    per_tensor = [len(inputs_of(n)) for n in merges]
     return {
         "output_tensors": len([w for w in writes if getattr(w, "output", "") == ""]),
         "loads": len(loads),
@@ -403,5 +411,5 @@ def describe(compiled: Compiled) -> dict[str, Any]:
         "max_inputs_per_tensor": max(per_tensor, default=0),
         "min_inputs_per_tensor": min(per_tensor, default=0),
         "peak_step_bytes": compiled.max_need,
-        "largest_tensor_f32": max((numel(n.shape) * 4 for n in loads), default=0),
+        "largest_tensor_f32": compiled.largest_input_f32,
     }

@@ -17,7 +17,7 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     budget = options.budget(compiled)
     info["budget_bytes"] = budget
     # read-ahead fills the budget at most, and never more than all groups' needs together
-    info["estimated_peak_bytes"] = min(budget, sum(compiled.group_need(nodes) for _, nodes in compiled.groups))
+    info["estimated_peak_bytes"] = min(budget, sum(compiled.needs))
     steps = []
     for step in compiled.recipe.steps:
         comp = compiled.steps[step.name or ""]
