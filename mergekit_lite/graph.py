@@ -16,7 +16,6 @@ which follows the input shards; the executor runs them in that order.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Union

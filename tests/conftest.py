@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open

@@ -10,7 +10,6 @@ import mergekit_lite
 from mergekit_lite import Model, TaskVector, stack
 from mergekit_lite.errors import MergeError, PlanError, ShapeMismatch
 from mergekit_lite.examples import LLAMA_CONFIG, save_model
-from mergekit_lite.merge import compile_plan
 from mergekit_lite.plan.schema import parse_plan
 
 from conftest import load_dir, write_plan
@@ -131,7 +130,6 @@ def test_stack_and_upscale_equal_their_yaml(m, tmp_path):
 
 
 def test_composed_recipe_runs_as_one_graph(m, tmp_path):
-    base = m["base"]
     deep = stack(m["a"].layers(0, 4), m["a"].layers(2, 4))
     mixed = deep.linear([stack(m["b"].layers(0, 4), m["b"].layers(2, 4))], weight=[0.5, 0.5])
     stats = mixed.save(tmp_path / "o")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from mergekit_lite.errors import BudgetExceeded, ModelNotFound, OutputExists, Sh
 from mergekit_lite.examples import LLAMA_CONFIG, save_model
 from mergekit_lite.executor import Executor
 from mergekit_lite.graph import Load, Merge, describe
-from mergekit_lite.merge import Options, compile_plan
+from mergekit_lite.merge import compile_plan
 
 from conftest import load_dir, write_plan
 
@@ -54,7 +53,7 @@ def test_sharded_output_equals_in_memory_result(models, tmp_path, out_dir):
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.load(open(os.path.join(out_dir, "model.safetensors.index.json")))
     on_disk = load_dir(out_dir)
-    assert set(index["weight_map"]) == set(on_disk)
+    assert set(index["weight_map"]) == set(on_disk) and stats.tensors == len(on_disk)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
     for shard in shards:
         assert os.path.getsize(os.path.join(out_dir, shard)) < 100_000 + 20_000  # data + header

@@ -1,6 +1,5 @@
 """Multi-step plans: one graph, streamed per tensor, no intermediate files unless asked for."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import torch
 
 import mergekit_lite
 from mergekit_lite.errors import PlanError
-from mergekit_lite.executor import Executor
 from mergekit_lite.graph import Load, Merge
 from mergekit_lite.merge import compile_plan
 from mergekit_lite.plan.schema import parse_plan

@@ -152,7 +152,6 @@ def test_gpt2_style_depth_upscale_with_tied_embeddings_and_per_layer_config(gpt2
 
 
 def test_per_layer_lists_follow_their_source_model(models, tmp_path, out_dir):
-    p = models["paths"]
     root = tmp_path / "m"
     a = save_model(str(root / "a"), models["tensors"]["a"], dict(LLAMA_CONFIG, layer_types=["a0", "a1", "a2", "a3"]))
     b = save_model(str(root / "b"), models["tensors"]["b"], dict(LLAMA_CONFIG, layer_types=["b0", "b1", "b2", "b3"]))

@@ -412,7 +412,7 @@ def upscale_to_slices(plan: MergePlan, num_layers: int) -> MergePlan:
     """
     import yaml
 
-    from .schema import OutputSlice, SliceSource
+    from .schema import SliceSource
 
     up = plan.depth_upscale
     n, d, c = num_layers, up.drop, up.copies
