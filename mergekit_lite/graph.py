@@ -146,10 +146,8 @@ class StepSource:
         self.compiler = compiler
         self.label = f"step '{compiler.plan.name}'"
         layout = compiler.layout
-        from .arch import detect as _detect
-
         tensors = {t.name: TensorInfo(t.shape, t.dtype) for t in layout.tensors}
-        self.info = SourceInfo(self.label, tensors, layout.config, _detect(tensors, layout.config))
+        self.info = SourceInfo(self.label, tensors, layout.config, detect(tensors, layout.config))
 
     def node(self, tensor: str, group: str) -> Node:
         return self.compiler.node(tensor, group)
