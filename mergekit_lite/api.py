@@ -28,10 +28,9 @@ import yaml
 
 from . import methods
 from .errors import MergeError
-from .graph import compile_recipe
 from .io.reader import ModelFiles, open_model
 from .io.resolve import looks_like_repo_id, resolve_model
-from .merge import Options, execute
+from .merge import Options, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
 
 Number = (int, float)
@@ -174,8 +173,7 @@ class Expr:
         raise NotImplementedError
 
     def _compile(self, options: Options, **kwargs):
-        return compile_recipe(self.recipe(), plan_dir=os.getcwd(), seed=options.seed,
-                              dtype=options.torch_dtype(), files=self._files(), **kwargs)
+        return compile_plan(self.recipe(), options, plan_dir=os.getcwd(), files=self._files(), **kwargs)
 
     def _checked(self) -> "Expr":
         """Compile the expression now (headers only) so impossible merges fail when built."""

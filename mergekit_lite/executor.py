@@ -1,33 +1,38 @@
-"""Runs a compiled graph: streaming, tensor by tensor, under a memory budget.
+"""Runs a compiled graph: streaming, group by group, under a memory budget.
 
-Groups (one per output tensor) run in order. Before a group's tensors are read, the bytes it can
-need at its peak (its loads, intermediate results, the method's float32 workspace, a cast copy for
-writing) are reserved from the budget; the reservation is returned when the group's results are
-written. Groups further ahead are admitted while the budget allows, so their tensors are read by
-background threads while the current group computes: reading overlaps computing, and what is
-alive never exceeds the budget. Each value is freed right after its last consumer.
+Three parts, each with one job:
 
-The executor knows nothing of a method's math: it moves inputs to the device, calls the registered
-function, rounds the float32 result to the step's dtype, and hands it on.
+- :class:`Scheduler` admits groups in order. Admitting a group reserves its planned peak from the
+  budget and starts its nodes (loads submit their reads to background threads), so the groups
+  ahead are read while the current one computes, and what is alive never exceeds the budget.
+- :class:`GroupRun` runs one group's nodes in order, driving the memory ledger (:mod:`.ledger`)
+  that planned its peak: the ledger says which values are dead after each node, and the run frees
+  them. It is also what nodes see while they run (device, reads, hand-offs, emitted results).
+- Sinks own their hand-off: a Write passes its tensor to the writer thread, an Emit to the caller
+  of :meth:`Executor.run`; when the group's last hand-off completes its reservation is returned.
+
+The executor knows nothing of a node's kind or a method's math: it calls the members every node
+kind declares (:mod:`.nodes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from . import methods
 from .errors import BudgetExceeded, MergeError
-from .graph import Compiled, Emit, Load, Merge, Write, inputs_of
+from .graph import Compiled
 from .io.reader import TensorReader
 from .io.writer import human_size
+from .ledger import Budget, Ledger, Meter, consumers
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -60,44 +65,20 @@ def limit_allocator_caching() -> None:
         pass
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
-    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
-    checked entry by entry, in chunks so the boolean mask stays small."""
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
-        return True
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
+@dataclass
+class GroupPeak:
+    """One group's peak three ways: planned at compile time, accounted by the ledger while running,
+    and measured on the real tensors (with method temporaries when the run measures them)."""
 
-
-class Budget:
-    """Byte reservations under a limit, shared by the main thread and the writer thread."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._cv = threading.Condition()
-
-    def acquire(self, n: int, block: bool = True) -> bool:
-        with self._cv:
-            while self.used + n > self.limit:
-                if not block:
-                    return False
-                self._cv.wait(0.1)
-            self.used += n
-            self.peak = max(self.peak, self.used)
-            return True
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.used -= n
-            self._cv.notify_all()
+    group: str
+    planned: int
+    accounted: int
+    measured: int
 
 
 @dataclass
 class Stats:
-    """What a run did; ``peak_live_bytes`` is the most tensor bytes alive at once."""
+    """What a run did; ``peak_live_bytes`` is the most tensor bytes measured alive at once."""
 
     tensors: int = 0
     bytes_read: int = 0
@@ -107,13 +88,14 @@ class Stats:
     peak_reserved_bytes: int = 0
     budget: int = 0
     device: str = "cpu"
-    _live: int = field(default=0, repr=False)
+    groups: list[GroupPeak] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def alive(self, n: int) -> None:
+    def count(self, read: int = 0, written: int = 0, tensors: int = 0) -> None:
         with self._lock:
-            self._live += n
-            self.peak_live_bytes = max(self.peak_live_bytes, self._live)
+            self.bytes_read += read
+            self.bytes_written += written
+            self.tensors += tensors
 
     @property
     def throughput(self) -> float:
@@ -122,7 +104,7 @@ class Stats:
 
 
 def auto_budget(compiled: Compiled) -> int:
-    """Default budget: the largest step's need plus room to read ahead (half the largest
+    """Default budget: the largest group's need plus room to read ahead (half the largest
     float32 tensor, at least 64 MiB)."""
     return compiled.max_need + max(64 << 20, compiled.largest_input_f32 // 2)
 
@@ -136,16 +118,207 @@ def check_budget(compiled: Compiled, budget: int) -> None:
                              f"raise --max-memory to at least {human_size(need)}")
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes of a node's value: a tensor, a tuple of tensors, or None."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+class Resources:
+    """What every group shares: device, threads, reader, writers, budget, measured bytes, stats."""
+
+    def __init__(self, device: torch.device, budget: Budget, writers: dict[str, Any], stats: Stats,
+                 read_threads: int, measure: bool, on_written: Callable[[Any], None]):
+        self.device = device
+        self.budget = budget
+        self.writers = writers
+        self.stats = stats
+        self.measure = measure
+        self.on_written = on_written
+        self.meter = Meter()
+        self.reader = TensorReader()
+        self.readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="mkl-read")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mkl-write")
+        self.writes: list[Future] = []
+
+    def raise_write_errors(self, wait: bool = False) -> None:
+        for f in self.writes:
+            if wait or f.done():
+                f.result()
+        self.writes = [f for f in self.writes if not f.done()]
+
+    def close(self, failed: bool) -> None:
+        self.readers.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True, cancel_futures=failed)
+        self.reader.close()
+
+
+class GroupRun:
+    """One admitted group: its reads in flight, its ledger, its values; what its nodes see."""
+
+    def __init__(self, res: Resources, compiled: Compiled, index: int):
+        self.res = res
+        self.device = res.device
+        self.writers = res.writers
+        self.name, self.nodes = compiled.groups[index]
+        self.need = compiled.needs[index]
+        self.ledger = Ledger(consumers(compiled.graph, self.nodes))
+        self.meter = Meter()
+        self.futures: dict[Any, Future] = {}
+        self.values: dict[Any, Any] = {}
+        self.emitted: list[tuple[Any, str, torch.Tensor, int]] = []
+        # the reservation is returned when every hand-off has completed and the group has run
+        self.pending = sum(1 for n in self.nodes if n.holds) + 1
+        self._lock = threading.Lock()
+        self.ledger.open(self.nodes)
+        for node in self.nodes:
+            node.start(self)
+
+    # -- what nodes call ---------------------------------------------------------------------
+    def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensor = self.res.reader.read(file, offset, shape, dtype)
+        self._alive(tensor.nbytes)
+        self.res.stats.count(read=tensor.nbytes)
+        return tensor
+
+    def prefetch(self, node: Any, fn: Callable[[], Any]) -> None:
+        self.futures[node] = self.res.readers.submit(fn)
+
+    def fetched(self, node: Any) -> Any:
+        return self.futures.pop(node).result()
+
+    def measuring(self) -> contextlib.AbstractContextManager:
+        """Run a node's computation; when the run measures, its temporaries count as measured."""
+        if not self.res.measure:
+            return contextlib.nullcontext()
+        return _Measured(self, list(self.values.values()))
+
+    def hand_off(self, sink: Any, send: Callable[[], None]) -> None:
+        held = self._hold(sink)
+
+        def write() -> None:
+            send()
+            self._done(sink, held)
+
+        self.res.writes.append(self.res.writer.submit(write))
+
+    def emit(self, sink: Any, name: str, value: torch.Tensor) -> None:
+        self.emitted.append((sink, name, value, self._hold(sink, value)))
+
+    # -- running -----------------------------------------------------------------------------
+    def execute(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run the nodes in order; yields emitted results."""
+        for node in self.nodes:
+            self.ledger.before(node)
+            value = node.run(self, [self.values[d] for d in node.args])
+            if value is not None:
+                self.values[node] = value
+                if not node.prefetched:
+                    self._alive(tensor_bytes(value))
+            for dep in self.ledger.after(node):
+                self._alive(-tensor_bytes(self.values.pop(dep, None)))
+            while self.emitted:
+                sink, name, value, held = self.emitted.pop(0)
+                yield name, value
+                del value
+                self._done(sink, held)
+        self.values.clear()
+        self.res.stats.groups.append(GroupPeak(self.name, self.need, self.ledger.peak, self.meter.peak))
+        self._settle()
+
+    def cancel(self) -> None:
+        for f in self.futures.values():
+            f.cancel()
+
+    def _alive(self, n: int) -> None:
+        self.meter.add(n)
+        self.res.meter.add(n)
+
+    def _hold(self, sink: Any, own: Any = None) -> int:
+        """A sink keeps its inputs (and its own value) alive until its hand-off completes."""
+        held = sum(tensor_bytes(self.values.get(d)) for d in sink.args) + tensor_bytes(own if sink.outputs else None)
+        self._alive(held)
+        return held
+
+    def _done(self, sink: Any, held: int) -> None:
+        self._alive(-held)
+        self.res.stats.count(written=sink.nbytes, tensors=1)
+        self.res.on_written(sink)
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._lock:
+            self.pending -= 1
+            last = self.pending == 0
+        if last:
+            self.res.budget.release(self.need)
+
+
+class _Measured:
+    """Context of a measured computation: its new tensors' peak is reported as transient bytes."""
+
+    def __init__(self, run: GroupRun, existing: list[Any]):
+        from .probe import AllocationProbe
+
+        self.run = run
+        self.probe = AllocationProbe(t for v in existing for t in (v if isinstance(v, tuple) else (v,)))
+
+    def __enter__(self) -> None:
+        self.probe.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.probe.__exit__(*exc)
+        self.run.meter.transient(self.probe.peak)
+        self.run.res.meter.transient(self.probe.peak)
+
+
+class Scheduler:
+    """Admits groups in order: the next one needed (waiting for the budget), then as many more as
+    the budget allows without waiting, at most `lookahead` ahead."""
+
+    def __init__(self, compiled: Compiled, res: Resources, lookahead: int):
+        self.compiled = compiled
+        self.res = res
+        self.lookahead = lookahead
+        self.admitted: dict[int, GroupRun] = {}
+        self.next = 0
+
+    def take(self, i: int) -> GroupRun:
+        """Group `i`, admitted (groups after it are admitted while the budget allows)."""
+        while self.next <= i:
+            self._admit(block=True)
+        n = len(self.compiled.groups)
+        while self.next < n and self.next - i < self.lookahead and self._admit(block=False):
+            pass
+        return self.admitted.pop(i)
+
+    def _admit(self, block: bool) -> bool:
+        if not self.res.budget.acquire(self.compiled.needs[self.next], block=block):
+            return False
+        self.admitted[self.next] = GroupRun(self.res, self.compiled, self.next)
+        self.next += 1
+        return True
+
+    def cancel(self) -> None:
+        for run in self.admitted.values():
+            run.cancel()
+
+
 class Executor:
     """Executes `compiled` on `device` within `budget` bytes.
 
     `writers` maps an output key (``""`` for the main output, a folder for a step's ``save:``) to
     an object with ``write(name, tensor)``. :meth:`run` yields ``(name, tensor)`` for Emit sinks.
+    With ``measure=True`` every merge runs under an allocation probe (slow; for tests), so that
+    ``stats.groups[i].measured`` includes the methods' temporaries.
     """
 
     def __init__(self, compiled: Compiled, *, device: str | torch.device | None = "auto", budget: int | None = None,
                  writers: dict[str, Any] | None = None, progress: bool = False, read_threads: int = 2,
-                 lookahead: int = 64):
+                 lookahead: int = 64, measure: bool = False):
         self.compiled = compiled
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.budget = Budget(budget if budget is not None else auto_budget(compiled))
@@ -154,172 +327,62 @@ class Executor:
         self.progress = progress
         self.read_threads = read_threads
         self.lookahead = lookahead
-        self.reader = TensorReader()
+        self.measure = measure
         self.stats = Stats(budget=self.budget.limit, device=str(self.device))
 
-    # -- node execution ----------------------------------------------------------------------
-    def _load(self, node: Load) -> torch.Tensor:
-        tensor = self.reader.read(node.file, node.offset, node.shape, node.dtype)
-        self.stats.alive(node.nbytes)
-        with self.stats._lock:
-            self.stats.bytes_read += node.nbytes
-        return tensor
-
-    def _merge(self, node: Merge, values: dict) -> torch.Tensor:
-        method = methods.get(node.method)
-        dev = self.device
-        tensors = [values[n].to(dev, non_blocking=True) for n in node.inputs]
-        base = values[node.base].to(dev, non_blocking=True) if node.base is not None else None
-        kwargs: dict[str, Any] = {}
-        for name, value in node.params:
-            kwargs[method.param(name).pyname] = value
-        for name, vals in node.model_params:
-            kwargs[method.param(name).pyname] = list(vals)
-        if method.random:
-            kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in node.seeds]
-        try:
-            result = method.fn(tensors, base, **kwargs)
-        except MergeError:
-            raise
-        except (ValueError, RuntimeError) as exc:
-            where = f" (step '{node.step}')" if node.step else ""
-            raise MergeError(f"merging tensor {node.tensor}{where} with '{node.method}' failed: {exc}") from exc
-        del tensors, base
-        if tuple(result.shape) != node.shape:
-            raise RuntimeError(f"method {node.method} returned shape {tuple(result.shape)} for {node.tensor}, "
-                               f"expected {node.shape}")
-        if not all_finite(result):
-            raise MergeError(f"merging tensor {node.tensor} with '{node.method}' produced inf or NaN; "
-                             "check the inputs and the parameters for this tensor")
-        # round to the step's dtype now, unless only sinks consume it (they round it themselves)
-        out = result if node in self.compiled.keep_f32 else result.to(node.dtype)
-        del result
-        if out.device.type != "cpu":
-            out = out.to("cpu")
-        self.stats.alive(self.compiled.value_bytes(node))
-        return out
-
-    # -- scheduling --------------------------------------------------------------------------
     def run(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Run everything; yields Emit results, in output order."""
         limit_allocator_caching()
-        groups = self.compiled.groups
-        graph = self.compiled.graph
-        needs = self.compiled.needs
-        total_bytes = sum(s.nbytes for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
-        n_sinks = sum(1 for _, nodes in groups for s in nodes if isinstance(s, (Write, Emit)))
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+        bar = _progress(self.compiled) if self.progress else None
+        res = Resources(self.device, self.budget, self.writers, self.stats, self.read_threads, self.measure,
+                        bar.advance if bar else (lambda sink: None))
+        scheduler = Scheduler(self.compiled, res, self.lookahead)
         start = time.perf_counter()
-        readers = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="mkl-read")
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mkl-write")
-        loads: dict[Load, Future] = {}
-        pending_writes: list[Future] = []
-        admitted = 0
-        done_sinks = 0
-        errors: list[BaseException] = []
-
-        def admit(i: int, block: bool) -> bool:
-            if not self.budget.acquire(needs[i], block=block):
-                return False
-            for node in groups[i][1]:
-                if isinstance(node, Load) and node not in loads:
-                    loads[node] = readers.submit(self._load, node)
-            return True
-
-        def finish_sink(sink, value_bytes: int, release: int):
-            nonlocal done_sinks
-            self.stats.alive(-value_bytes)
-            with self.stats._lock:
-                self.stats.bytes_written += sink.nbytes
-                self.stats.tensors += 1
-            if release:
-                self.budget.release(release)
-            done_sinks += 1
-            if bar is not None:
-                bar.update(sink.nbytes)
-                bar.set_postfix_str(f"{done_sinks}/{n_sinks} tensors", refresh=False)
-
+        failed = True
+        run = None
         try:
-            for i, (group, nodes) in enumerate(groups):
-                while admitted <= i:
-                    admit(admitted, block=True)
-                    admitted += 1
-                while admitted < len(groups) and admitted - i < self.lookahead and admit(admitted, block=False):
-                    admitted += 1
-                for err in (f.exception() for f in pending_writes if f.done()):
-                    if err is not None:
-                        raise err
-                pending_writes = [f for f in pending_writes if not f.done()]
-
-                values: dict[Any, torch.Tensor] = {}
-                remaining = {n: graph.out_degree(n) for n in nodes}
-                sinks_left = sum(1 for n in nodes if isinstance(n, (Write, Emit)))
-                release_left = needs[i]
-
-                def free_inputs(node):
-                    for dep in inputs_of(node):
-                        remaining[dep] -= 1
-                        if remaining[dep] == 0:
-                            values.pop(dep, None)
-                            self.stats.alive(-self.compiled.value_bytes(dep))
-
-                for node in nodes:
-                    if isinstance(node, Load):
-                        values[node] = loads.pop(node).result()
-                    elif isinstance(node, Merge):
-                        values[node] = self._merge(node, values)
-                        free_inputs(node)
-                    else:
-                        value = values[node.value]
-                        extra = 0
-                        if isinstance(node, Emit) and value.dtype != node.dtype:
-                            value = value.to(node.dtype)  # a Write rounds chunk by chunk instead
-                            self.stats.alive(node.nbytes)
-                            extra = node.nbytes
-                        # the sink keeps its own reference; account its bytes until it is written
-                        held = extra + self.compiled.value_bytes(node.value)
-                        self.stats.alive(self.compiled.value_bytes(node.value))
-                        free_inputs(node)
-                        sinks_left -= 1
-                        release = release_left if sinks_left == 0 else 0
-                        if sinks_left == 0:
-                            release_left = 0
-                        if isinstance(node, Emit):
-                            yield node.tensor, value
-                            finish_sink(node, held, release)
-                        else:
-                            target = self.writers[node.output]
-
-                            def do_write(target=target, node=node, value=value, held=held, release=release):
-                                target.write(node.tensor, value)
-                                finish_sink(node, held, release)
-
-                            pending_writes.append(writer.submit(do_write))
-                        del value
-                if release_left:
-                    self.budget.release(release_left)
-            for f in pending_writes:
-                f.result()
-        except BaseException as exc:
-            errors.append(exc)
-            raise
+            for i in range(len(self.compiled.groups)):
+                run = scheduler.take(i)
+                res.raise_write_errors()
+                yield from run.execute()
+            res.raise_write_errors(wait=True)
+            failed = False
         finally:
-            for f in loads.values():
-                f.cancel()
-            readers.shutdown(wait=True, cancel_futures=True)
-            writer.shutdown(wait=True, cancel_futures=bool(errors))
-            self.reader.close()
+            if run is not None:
+                run.cancel()
+            scheduler.cancel()
+            res.close(failed)
             if bar is not None:
                 bar.close()
             self.stats.seconds = time.perf_counter() - start
             self.stats.peak_reserved_bytes = self.budget.peak
+            self.stats.peak_live_bytes = res.meter.peak
 
     def execute(self) -> Stats:
         """Run to completion (for graphs whose sinks are all Writes)."""
         for _ in self.run():
             pass
         return self.stats
+
+
+class _progress:
+    """A tqdm bar over the bytes the sinks hand off."""
+
+    def __init__(self, compiled: Compiled):
+        from tqdm.auto import tqdm
+
+        sinks = [n for _, nodes in compiled.groups for n in nodes if n.holds]
+        self.total = len(sinks)
+        self.done = 0
+        self.bar = tqdm(total=sum(s.nbytes for s in sinks), unit="B", unit_scale=True, desc="merging",
+                        dynamic_ncols=True)
+        self._lock = threading.Lock()
+
+    def advance(self, sink: Any) -> None:
+        with self._lock:
+            self.done += 1
+            self.bar.update(sink.nbytes)
+            self.bar.set_postfix_str(f"{self.done}/{self.total} tensors", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,21 +1,28 @@
-"""Running a plan end to end: compile, execute, write the output folder atomically."""
+"""Running a plan end to end: open the inputs, compile, execute, write the output folders atomically.
+
+This is the runner: it is the only place that turns options into a budget and a shard size,
+resolves and opens models (through :mod:`.io.inputs`) before the compiler sees their headers, and
+finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
+"""
 
 from __future__ import annotations
 
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from .dtypes import parse_dtype
 from .errors import MergeError
 from .executor import Executor, Stats, auto_budget
-from .graph import Compiled, compile_recipe
+from .graph import Compiled, OutputSpec, compile_recipe
+from .io.inputs import open_inputs
 from .io.output import copy_tokenizer, write_card, write_config
-from .io.writer import OutputFolder, ShardedWriter, ShardLayout, parse_size
-from .plan.schema import ModelRef, Recipe, load_plan, parse_plan
+from .io.reader import ModelFiles
+from .io.writer import OutputFolder, ShardedWriter, parse_size
+from .plan.schema import Recipe, load_plan, parse_plan
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -65,11 +72,20 @@ def load(plan: str | os.PathLike | Recipe) -> Recipe:
     return load_plan(plan)
 
 
-def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = None, *, sink: str = "write") -> Compiled:
+def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = None, *, sink: str = "write",
+                 plan_dir: str | None = None, files: dict[str, ModelFiles] | None = None,
+                 only: Iterable[str] | None = None) -> Compiled:
+    """Open every input the plan names (local folders, Hub repos; headers only), then compile.
+
+    Paths resolve against `plan_dir` (default: the plan file's folder) and the working directory;
+    `files` are models already opened (the Python API's); `only` restricts the output tensors."""
     options = options or Options()
     recipe = load(plan)
-    plan_dir = os.path.dirname(os.path.abspath(recipe.file)) if os.path.exists(recipe.file) else None
-    return compile_recipe(recipe, plan_dir=plan_dir, seed=options.seed, dtype=options.torch_dtype(), sink=sink)
+    if plan_dir is None and os.path.exists(recipe.file):
+        plan_dir = os.path.dirname(os.path.abspath(recipe.file))
+    opened = open_inputs(recipe, plan_dir, known=files)
+    return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
+                          max_shard_size=options.shard_size())
 
 
 def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
@@ -86,62 +102,32 @@ def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Optio
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
     """Execute a compiled recipe into `out` (and into the folders of steps with ``save:``)."""
     budget = options.budget(compiled)
-    shard_size = options.shard_size()
-    targets = {"": out}
-    for key in compiled.outputs:
-        if key:
-            targets[key] = key
     with ExitStack() as stack:
-        folders = {key: stack.enter_context(OutputFolder(path, options.overwrite)) for key, path in targets.items()}
+        folders = {spec.key: stack.enter_context(OutputFolder(spec.key or out, options.overwrite))
+                   for spec in compiled.outputs}
         writers = {}
-        for key, (planned, _layout) in compiled.outputs.items():
-            writer = ShardedWriter(folders[key].tmp, ShardLayout(planned, shard_size))
+        for spec in compiled.outputs:
+            writer = ShardedWriter(folders[spec.key].tmp, spec.layout)
             stack.callback(writer.close)
-            writers[key] = writer
+            writers[spec.key] = writer
         executor = Executor(compiled, device=options.device, budget=budget, writers=writers,
                             progress=not options.quiet, read_threads=options.read_threads)
         stats = executor.execute()
-        for key, (planned, layout) in compiled.outputs.items():
-            writers[key].finish()
-            _finish_folder(compiled, folders[key].tmp, layout, step_key=key)
+        for spec in compiled.outputs:
+            writers[spec.key].finish()
+            finish_folder(folders[spec.key].tmp, spec)
         for folder in folders.values():
             folder.commit()
     return stats
 
 
-def _donor_folder(compiled: Compiled, ref: ModelRef | None) -> str | None:
-    """Folder holding the tokenizer/config of `ref` (following steps back to a model on disk)."""
-    seen = set()
-    while ref is not None:
-        if ref.revision is None and ref.path in compiled.steps and ref.path not in seen:
-            seen.add(ref.path)
-            step = compiled.steps[ref.path]
-            ref = _tokenizer_ref(step.plan, step.layout.donor)
-            continue
-        files = compiled.files.get(str(ref))
-        return files.folder if files else None
-    return None
-
-
-def _tokenizer_ref(plan, donor: ModelRef) -> ModelRef | None:
-    if plan.tokenizer_source == "base":
-        return plan.base_model or donor
-    if isinstance(plan.tokenizer_source, ModelRef):
-        return plan.tokenizer_source
-    return donor
-
-
-def _finish_folder(compiled: Compiled, folder: str, layout, step_key: str) -> None:
-    step = compiled.recipe.output if step_key == "" else next(
-        s for s in compiled.recipe.steps if s.save == step_key)
-    write_config(folder, layout.config)
-    copy_tokenizer(_donor_folder(compiled, _tokenizer_ref(step, layout.donor)), folder)
-    models = [str(r) for s in compiled.recipe.steps for r in s.referenced_models()
-              if not (r.revision is None and r.path in compiled.steps)]
-    from . import methods
-
-    write_card(folder, plan_text=compiled.recipe.text, method=step.merge_method, models=models,
-               base=str(step.base_model) if step.base_model else None, paper=methods.get(step.merge_method).paper)
+def finish_folder(folder: str, spec: OutputSpec) -> None:
+    """The non-tensor files of an output folder: config, tokenizer, model card."""
+    write_config(folder, dict(spec.config))
+    copy_tokenizer(spec.tokenizer_folder, folder)
+    card = spec.card
+    write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
+               paper=card.paper)
 
 
 __all__ = ["Options", "run", "execute", "compile_plan", "parse_plan", "load_plan"]

@@ -18,22 +18,11 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     info["budget_bytes"] = budget
     # read-ahead fills the budget at most, and never more than all groups' needs together
     info["estimated_peak_bytes"] = min(budget, sum(compiled.needs))
-    steps = []
-    for step in compiled.recipe.steps:
-        comp = compiled.steps[step.name or ""]
-        deps = [r.path for r in step.referenced_models() if r.revision is None and r.path in compiled.steps]
-        steps.append({
-            "name": step.name or "(output)",
-            "method": step.merge_method,
-            "base_model": str(step.base_model) if step.base_model else None,
-            "models": [str(r) for r in step.referenced_models()],
-            "depends_on": deps,
-            "tensors": len(comp.layout.tensors),
-            "save": step.save,
-            "expanded": comp.plan.expanded_from,
-        })
+    steps = [{"name": st.name or "(output)", "method": st.method, "base_model": st.base_model,
+              "models": list(st.models), "depends_on": list(st.depends_on), "tensors": st.tensors,
+              "save": st.save, "expanded": st.expanded} for st in compiled.steps]
     info["steps"] = steps
-    info["warnings"] = compiled.warnings
+    info["warnings"] = list(compiled.warnings)
     if as_json:
         return json.dumps(info, indent=2)
     lines = [f"plan: {compiled.recipe.file}"]

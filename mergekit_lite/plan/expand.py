@@ -69,6 +69,7 @@ class StepLayout:
     config: dict[str, Any]
     donor: ModelRef  # where config.json and the tokenizer come from
     warnings: list[str] = field(default_factory=list)
+    plan: MergePlan | None = None  # the step as expanded (a depth_upscale short form becomes slices)
 
 
 @dataclass
@@ -83,6 +84,8 @@ class _Slice:
 
 def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo]) -> StepLayout:
     """Decide every output tensor of `plan`; `infos` describes each referenced model."""
+    if plan.depth_upscale is not None:
+        plan = upscale_to_slices(plan, infos[plan.depth_upscale.model].arch.num_layers)
     method = plan.method
     ex = _Expander(plan, method, infos)
     if plan.slices is not None:
@@ -90,6 +93,7 @@ def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo]) -> StepLayout:
     else:
         layout = ex.expand_models()
     ex.raise_problems()
+    layout.plan = plan
     return layout
 
 

@@ -1,0 +1,48 @@
+"""Finding and opening every model a recipe names, before anything is compiled.
+
+The runner calls :func:`open_inputs` first: local folders (relative to the plan's folder or the
+working directory) and Hub repo ids (downloaded by :mod:`.resolve`) are resolved and their headers
+indexed. The compiler then sees headers only and never touches a path or the network. Every model
+that cannot be opened is reported at once.
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelNotFound
+from ..plan.schema import ModelRef, Recipe
+from .reader import ModelFiles, open_model
+from .resolve import resolve_model
+
+
+def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFiles] | None = None
+                ) -> dict[str, ModelFiles]:
+    """Resolve and index every model file the recipe names (headers only); `known` ones are reused.
+    Keys are ``str(ModelRef)``. Names of the recipe's steps are not models."""
+    step_names = {s.name for s in recipe.steps if s.name}
+    files: dict[str, ModelFiles] = dict(known or {})
+    problems: list[str] = []
+    for ref in _models_named(recipe):
+        if (ref.path in step_names and ref.revision is None) or str(ref) in files:
+            continue
+        try:
+            files[str(ref)] = open_model(resolve_model(ref.path, ref.revision, plan_dir))
+        except ModelNotFound as exc:
+            hint = ""
+            if step_names and "/" not in ref.path:
+                hint = f"; nor is it a step of this plan (steps: {', '.join(sorted(step_names))})"
+            problems.append(f"{exc}{hint}")
+    if len(problems) == 1:
+        raise ModelNotFound(problems[0])
+    if problems:
+        raise ModelNotFound("cannot open the models:\n" + "\n".join(f"  - {p}" for p in problems))
+    return files
+
+
+def _models_named(recipe: Recipe) -> list[ModelRef]:
+    """Every model reference of every step (tokenizer sources included), in plan order."""
+    refs: list[ModelRef] = []
+    for step in recipe.steps:
+        refs.extend(step.referenced_models())
+        if isinstance(step.tokenizer_source, ModelRef):
+            refs.append(step.tokenizer_source)
+    return refs

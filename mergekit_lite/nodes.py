@@ -1,0 +1,297 @@
+"""The kinds of node in a merge graph, each declaring everything the engine needs to know about it.
+
+A node is a small frozen record. Its kind (its class) says, in one place:
+
+- ``args``: the nodes whose values it consumes, in the order ``run`` receives them;
+- ``outputs``: the tensors it produces, as :class:`Spec` (name, shape, dtype *as held in memory*);
+  one or several (a node with several outputs yields a tuple; :class:`Pick` selects one of them);
+- ``workspace_bytes``: the transient bytes of running it, beyond what is already alive;
+- ``holds``: whether it keeps its inputs alive after running, until a hand-off completes (sinks:
+  the writer thread holds the tensor until it is on disk);
+- ``start(ctx)``: called when its group is admitted (a :class:`Load` submits its read then);
+  ``prefetched`` kinds hold their value from then on, not only once they have run;
+- ``run(ctx, args)``: produce the value from the input values.
+
+The memory ledger (:mod:`mergekit_lite.ledger`) and the executor (:mod:`mergekit_lite.executor`)
+only use these members, never a node's class: a new kind of work (a LoRA fold, an SVD with two
+outputs, a generated router tensor) is one new class here, registered with :func:`node_kind`.
+
+Every decision is made at compile time and stored in the node: a merge's ``held_dtype`` is float32
+when only sinks consume it (they round it themselves, chunk by chunk), else the step's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+
+from . import methods
+from .dtypes import element_size, numel
+from .errors import MergeError
+
+NODE_KINDS: dict[str, type] = {}
+
+
+def node_kind(cls: type) -> type:
+    """Register a node class by name (``describe`` counts nodes per kind); checks the contract."""
+    for member in ("args", "outputs", "run"):
+        if not hasattr(cls, member):
+            raise TypeError(f"node kind {cls.__name__} lacks {member!r}")
+    NODE_KINDS[cls.__name__] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One tensor a node produces, as it is held in memory."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * element_size(self.dtype)
+
+
+class NodeBase:
+    """Defaults of the node contract: no inputs, no workspace, no hold, nothing to start."""
+
+    holds = False
+    prefetched = False  # its value is alive from the group's admission (started reads)
+    group: str
+
+    @property
+    def args(self) -> tuple:
+        return ()
+
+    @property
+    def workspace_bytes(self) -> int:
+        return 0
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of this node's value while it is alive (a holding node: what it holds too)."""
+        own = sum(s.nbytes for s in self.outputs)
+        return own + (sum(d.value_bytes for d in self.args) if self.holds else 0)
+
+    def start(self, ctx: Any) -> None:
+        pass
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts' text; the same on every machine and process (unlike hash())."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
+    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
+    checked entry by entry, in chunks so the boolean mask stays small."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
+
+
+# ------------------------------------------------------------------------------------------------
+# sources
+
+
+@node_kind
+@dataclass(frozen=True)
+class Load(NodeBase):
+    """Reads one tensor of one model file (on a reading thread, as soon as its group is admitted)."""
+
+    prefetched = True
+
+    file: str
+    tensor: str
+    group: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    model: str  # label for messages
+    offset: int = 0  # of the tensor's bytes in the file
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return (Spec(self.tensor, self.shape, self.dtype),)
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * element_size(self.dtype)
+
+    def start(self, ctx: Any) -> None:
+        ctx.prefetch(self, lambda: ctx.read(self.file, self.offset, self.shape, self.dtype))
+
+    def run(self, ctx: Any, args: list) -> torch.Tensor:
+        return ctx.fetched(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# computation
+
+
+@node_kind
+@dataclass(frozen=True)
+class Merge(NodeBase):
+    """Calls a registered merge method on its input values; the float32 result is rounded to
+    ``dtype`` here, or held in float32 (``held_dtype``) for sinks that round it themselves."""
+
+    method: str
+    step: str
+    tensor: str  # output tensor name within its step
+    group: str
+    inputs: tuple[Any, ...]  # the method's tensors
+    base: Any  # the base model's node, or None
+    params: tuple[tuple[str, Any], ...]
+    model_params: tuple[tuple[str, tuple[Any, ...]], ...]
+    seeds: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the step's output dtype
+    held_dtype: torch.dtype  # what the value is kept as: dtype, or float32 when only sinks consume it
+
+    @property
+    def args(self) -> tuple:
+        return self.inputs + ((self.base,) if self.base is not None else ())
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return (Spec(self.tensor, self.shape, self.held_dtype),)
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * element_size(self.dtype)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """The method's float32 temporaries (its result included), and the rounded copy."""
+        n = len(self.args)
+        work = int(methods.get(self.method).workspace(n) * numel(self.shape) * 4)
+        return work + (self.nbytes if self.held_dtype != torch.float32 else 0)
+
+    def run(self, ctx: Any, args: list) -> torch.Tensor:
+        method = methods.get(self.method)
+        moved = [a.to(ctx.device, non_blocking=True) for a in args]
+        base = moved.pop() if self.base is not None else None
+        kwargs: dict[str, Any] = {method.param(name).pyname: value for name, value in self.params}
+        kwargs.update((method.param(name).pyname, list(vals)) for name, vals in self.model_params)
+        if method.random:
+            kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
+        with ctx.measuring():
+            result = self._call(method.fn, moved, base, kwargs)
+            del moved, base
+            out = result if self.held_dtype == torch.float32 else result.to(self.held_dtype)
+            del result
+        return out.to("cpu") if out.device.type != "cpu" else out
+
+    def _call(self, fn: Callable[..., torch.Tensor], tensors: list, base: Any, kwargs: dict) -> torch.Tensor:
+        try:
+            result = fn(tensors, base, **kwargs)
+        except MergeError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            where = f" (step '{self.step}')" if self.step else ""
+            raise MergeError(f"merging tensor {self.tensor}{where} with '{self.method}' failed: {exc}") from exc
+        if tuple(result.shape) != self.shape:
+            raise RuntimeError(f"method {self.method} returned shape {tuple(result.shape)} for {self.tensor}, "
+                               f"expected {self.shape}")
+        if not all_finite(result):
+            raise MergeError(f"merging tensor {self.tensor} with '{self.method}' produced inf or NaN; "
+                             "check the inputs and the parameters for this tensor")
+        return result
+
+
+@node_kind
+@dataclass(frozen=True)
+class Pick(NodeBase):
+    """One output of a node with several outputs (its value is a tuple)."""
+
+    source: Any
+    index: int
+    group: str
+
+    @property
+    def args(self) -> tuple:
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return (self.source.outputs[self.index],)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.outputs[0].shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.outputs[0].dtype
+
+    def run(self, ctx: Any, args: list) -> torch.Tensor:
+        return args[0][self.index]
+
+
+# ------------------------------------------------------------------------------------------------
+# sinks: they hold their input until the hand-off completes
+
+
+class _Sink(NodeBase):
+    holds = True
+    value: Any
+    dtype: torch.dtype
+
+    @property
+    def args(self) -> tuple:
+        return (self.value,)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the value in the sink's dtype."""
+        return numel(self.value.shape) * element_size(self.dtype)
+
+
+@node_kind
+@dataclass(frozen=True)
+class Write(_Sink):
+    """Sends a value to an output folder's writer (which rounds a float32 value chunk by chunk)."""
+
+    output: str  # output folder key ("" for the main output)
+    tensor: str
+    value: Any
+    dtype: torch.dtype
+    group: str
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return ()
+
+    def run(self, ctx: Any, args: list) -> None:
+        ctx.hand_off(self, lambda: ctx.writers[self.output].write(self.tensor, args[0]))
+
+
+@node_kind
+@dataclass(frozen=True)
+class Emit(_Sink):
+    """Hands a value to Python code (``Executor.run`` yields it), rounded to ``dtype`` first."""
+
+    tensor: str
+    value: Any
+    dtype: torch.dtype
+    group: str
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        held = self.value.outputs[0].dtype
+        return () if held == self.dtype else (Spec(self.tensor, self.value.shape, self.dtype),)
+
+    def run(self, ctx: Any, args: list) -> None:
+        ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))
+
+
+Node = Union[Load, Merge, Pick]
+Sink = Union[Write, Emit]
+SINK_KINDS = (Write, Emit)
