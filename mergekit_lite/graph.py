@@ -40,7 +40,7 @@ from .plan.schema import MergePlan, ModelRef, Recipe
 from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
-           "stable_seed", "inputs_of", "order_groups"]
+           "stable_seed", "inputs_of", "order_groups", "assemble"]
 
 
 def inputs_of(node: Any) -> tuple:
@@ -177,14 +177,19 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
             if comp is not final and comp.plan.save:
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
-    sinks = _decide_rounding(sinks)
-    graph = _build(sinks)
-    groups = order_groups(graph, sinks)
+    graph, groups, needs = assemble(_decide_rounding(sinks))
     specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
-    return Compiled(recipe, graph, tuple(groups), tuple(plan_peak(graph, nodes) for _, nodes in groups),
-                    final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
+    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
+
+
+def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
+    """The graph of everything `sinks` need, its groups in execution order, and each group's
+    planned peak (the ledger's dry run)."""
+    graph = _build(sinks)
+    groups = tuple(order_groups(graph, sinks))
+    return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
 def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None) -> dict[str, StepCompiler]:

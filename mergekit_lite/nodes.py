@@ -170,8 +170,7 @@ class Merge(NodeBase):
     @property
     def workspace_bytes(self) -> int:
         """The method's float32 temporaries (its result included), and the rounded copy."""
-        n = len(self.args)
-        work = int(methods.get(self.method).workspace(n) * numel(self.shape) * 4)
+        work = methods.get(self.method).workspace_bytes(len(self.args), numel(self.shape))
         return work + (self.nbytes if self.held_dtype != torch.float32 else 0)
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:

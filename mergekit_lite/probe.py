@@ -7,6 +7,10 @@ moment of the code run under it: a method's float32 temporaries, its result and 
 The executor runs merges under a probe when asked to measure (``Executor(measure=True)``), and
 the tests compare what it sees with what nodes declare. It is slow (a Python call per operation),
 so it is never used for ordinary runs.
+
+Storages under :data:`MIN_TRACKED` bytes are not counted: 0-d tensors and per-row statistics of
+tiny tensors, below the granularity the budget plans in (a tensor-sized buffer of a real model
+is megabytes). A method that under-declares any buffer of its tensors' size is still caught.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any, Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+MIN_TRACKED = 1024
 
 
 class AllocationProbe(TorchDispatchMode):
@@ -42,6 +49,8 @@ class AllocationProbe(TorchDispatchMode):
         if key in self.known or key == 0:
             return
         size = t.untyped_storage().nbytes()
+        if size < MIN_TRACKED and key not in self.refs:
+            return
         if key not in self.refs:
             self.refs[key] = 0
             self.sizes[key] = size

@@ -106,6 +106,13 @@ class Method:
     # Peak float32 temporaries beyond the inputs, in units of one output-sized float32 tensor,
     # as a function of the number of inputs (base included). Used by the memory budget.
     workspace: Callable[[int], float] = field(default=lambda n: 2.0)
+    # Scratch bytes that do not scale with the tensor (bounded buffers), as a function of the
+    # output's number of entries; counted on top of `workspace`.
+    scratch: Callable[[int], int] = field(default=lambda numel: 0)
+
+    def workspace_bytes(self, n_inputs: int, numel: int) -> int:
+        """Peak bytes of temporaries of one call (its float32 result included)."""
+        return int(self.workspace(n_inputs) * numel * 4) + self.scratch(numel)
 
     @property
     def doc(self) -> str:
@@ -128,7 +135,7 @@ REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", min_models: int = 1,
              max_models: int | None = None, random: bool = False, paper: str = "",
-             workspace: Callable[[int], float] | None = None):
+             workspace: Callable[[int], float] | None = None, scratch: Callable[[int], int] | None = None):
     """Decorator: register `fn` as merge method `name`.
 
     The function's keyword parameters must be exactly the declared params (plus ``generators`` for
@@ -146,7 +153,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
                             f"do not match the declared {sorted(declared)}")
         REGISTRY[name] = Method(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                 max_models=max_models, random=random, paper=paper,
-                                workspace=workspace or (lambda n: 2.0))
+                                workspace=workspace or (lambda n: 2.0), scratch=scratch or (lambda numel: 0))
         return fn
 
     return wrap

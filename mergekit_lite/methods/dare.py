@@ -31,7 +31,7 @@ def _dare(tensors, base, weight, density, generators, rescale, rescale_mode, con
     base="required",
     random=True,
     paper=PAPER,
-    workspace=gta_workspace(sparsify=1.0),  # the CPU-drawn mask, or the L1 rescale's temporaries
+    workspace=gta_workspace(sparsify=2.5),  # the CPU-drawn mask, the L1 rescale, the count vote (measured)
 )
 def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
                 generators: list[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
@@ -57,7 +57,7 @@ def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     base="required",
     random=True,
     paper=PAPER,
-    workspace=gta_workspace(sparsify=1.0),  # the CPU-drawn mask, or the L1 rescale's temporaries
+    workspace=gta_workspace(sparsify=2.5),  # the CPU-drawn mask, the L1 rescale, the count vote (measured)
 )
 def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
               generators: list[torch.Generator], lambda_: float = 1.0, normalize: bool = False,

@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import Param, positive, register
-from .spherical import dot, sq_norm
+from .spherical import dot, scratch_bytes, sq_norm
 
 
 def _check(params: dict) -> str | None:
@@ -37,6 +37,7 @@ def _check(params: dict) -> str | None:
     min_models=1,
     paper="https://arxiv.org/abs/2603.04972",
     workspace=lambda n: 4.0,  # the mean, the tangent, an upcast input, dot scratch
+    scratch=scratch_bytes,
 )
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], max_iter: int = 10,
             tol: float = 1e-5) -> torch.Tensor:

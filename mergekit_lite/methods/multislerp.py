@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import Param, register
-from .spherical import dot, sq_norm
+from .spherical import dot, scratch_bytes, sq_norm
 
 
 def _check(params: dict) -> str | None:
@@ -34,6 +34,7 @@ def _check(params: dict) -> str | None:
     min_models=1,
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     workspace=lambda n: 5.0,  # the upcast base, one task vector (and its upcast), the mean, dot scratch
+    scratch=scratch_bytes,
 )
 def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:

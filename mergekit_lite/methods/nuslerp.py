@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .spherical import combine, dots
+from .spherical import combine, dots, scratch_bytes
 
 NORM_EPS = 1e-7  # a vector norm below this counts as this (mergekit's value)
 COLINEAR_EPS = 1e-8  # 1 − cos² ≤ COLINEAR_EPS² : colinear, interpolate linearly (mergekit's value)
@@ -65,6 +65,7 @@ def _check(params: dict) -> str | None:
     max_models=2,
     paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
     workspace=lambda n: 5.0,
+    scratch=scratch_bytes,
 )
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
             nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False) -> torch.Tensor:

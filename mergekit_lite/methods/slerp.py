@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import Param, register
-from .spherical import combine, dots
+from .spherical import combine, dots, scratch_bytes
 
 DOT_THRESHOLD = 0.9995  # |cos θ| above this: (anti)colinear, interpolate linearly (mergekit's value)
 EPS = 1e-8
@@ -39,6 +39,7 @@ def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float
     max_models=1,
     paper="https://en.wikipedia.org/wiki/Slerp",
     workspace=lambda n: 2.0,
+    scratch=scratch_bytes,
 )
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """SLERP from the base (t = 0) to the other model (t = 1), one angle per tensor.

@@ -9,6 +9,11 @@ import torch
 CHUNK = 1 << 18  # float64 scratch stays small (a few MB) whatever the tensor size
 
 
+def scratch_bytes(numel: int) -> int:
+    """Peak float64 scratch of the dot products: two upcast chunks and their product."""
+    return 3 * 8 * min(numel, CHUNK)
+
+
 def acc_dtype(device: torch.device) -> torch.dtype:
     """float64 where the device has it (MPS does not)."""
     return torch.float32 if device.type == "mps" else torch.float64
