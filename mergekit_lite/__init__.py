@@ -22,7 +22,8 @@ from .errors import (  # noqa: E402
     ShapeMismatch,
     TensorNotFound,
 )
-from .api import Expr, LayerRange, Model, TaskVector, merge, stack  # noqa: E402
+from .api import Expr, Model, TaskVector, merge  # noqa: E402
+from .stacking import LayerRange, stack  # noqa: E402
 from .merge import Options, compile_plan, run  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
 from .plan.schema import load_plan, parse_plan  # noqa: E402

@@ -21,17 +21,20 @@ vectors taken against different bases, or bad parameters raise at once.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
-import yaml
 
 from . import methods
 from .errors import MergeError
 from .io.reader import ModelFiles, open_model
 from .io.resolve import looks_like_repo_id, resolve_model
+from .lowering import Lowering, dump_plan
 from .merge import Options, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
+
+if TYPE_CHECKING:
+    from .stacking import LayerRange
 
 Number = (int, float)
 
@@ -40,6 +43,7 @@ class Expr:
     """A model-valued expression (a model on disk, or a merge of other expressions)."""
 
     _name: str | None = None
+    _leaf = False  # a model on disk (lowers to its path)
 
     # -- arithmetic ---------------------------------------------------------------------------
     def __sub__(self, other: Any) -> "TaskVector | Expr":
@@ -141,12 +145,16 @@ class Expr:
 
     def layers(self, start: int, end: int) -> "LayerRange":
         """Layers [start, end) of this model, for :func:`stack`."""
+        from .stacking import LayerRange
+
         return LayerRange(self, start, end)
 
     def upscale(self, copies: int = 2, drop: int = 0) -> "Expr":
         """SOLAR-style depthwise upscaling: `copies` stacked copies, dropping `drop` layers at each
         seam (the first copy keeps [0, n−drop), the last [drop, n))."""
-        return _Upscale(self, copies, drop)._checked()
+        from .stacking import Upscale
+
+        return Upscale(self, copies, drop)._checked()
 
     def named(self, name: str) -> "Expr":
         """Give this expression's step a name (shown in plans and by ``mergekit-lite plan``)."""
@@ -156,8 +164,7 @@ class Expr:
     # -- lowering -----------------------------------------------------------------------------
     def to_plan(self) -> str:
         """The equivalent mergekit-style YAML plan (several ``---`` documents when it has steps)."""
-        docs = _Lowering().run(self)
-        return yaml.dump_all(docs, Dumper=_PlanDumper, sort_keys=False)
+        return dump_plan(self)
 
     def recipe(self) -> Recipe:
         return parse_plan(self.to_plan(), "<python expression>")
@@ -212,6 +219,8 @@ class Expr:
 class Model(Expr):
     """A model on disk or on the Hugging Face Hub: a folder, a ``.safetensors`` file, or
     ``org/name`` (optionally with ``revision``)."""
+
+    _leaf = True
 
     def __init__(self, path: str | os.PathLike, revision: str | None = None):
         self.path = os.fspath(path)
@@ -285,32 +294,6 @@ class TaskVector:
     to_plan = iter_tensors = tensor = save
 
 
-class LayerRange:
-    """Layers [start, end) of a model, for :func:`stack`."""
-
-    def __init__(self, expr: Expr, start: int, end: int):
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-            raise ValueError(f"a layer range is [start, end) with 0 <= start < end, got [{start}, {end})")
-        self.expr, self.start, self.end = expr, start, end
-
-    def __repr__(self) -> str:
-        return f"{self.expr!r}.layers({self.start}, {self.end})"
-
-
-def stack(*ranges: LayerRange | Sequence[LayerRange], method: str = "passthrough", **params: Any) -> Expr:
-    """Stack layer ranges into a deeper model (a frankenmerge). Each argument is one output slice:
-    a :class:`LayerRange`, or a list of ranges of equal length merged with `method`."""
-    slices = []
-    for r in ranges:
-        group = [r] if isinstance(r, LayerRange) else list(r)
-        if not group or not all(isinstance(g, LayerRange) for g in group):
-            raise TypeError(f"stack() takes layer ranges such as model.layers(0, 8), got {r!r}")
-        slices.append(tuple(group))
-    if not slices:
-        raise TypeError("stack() needs at least one layer range")
-    return _Stack(tuple(slices), method, params)._checked()
-
-
 def merge(method: str, models: Sequence[Expr | TaskVector], base: Expr | None = None, **params: Any) -> Expr:
     """Function form of :meth:`Expr.merge`: ``merge("ties", [a - base, b - base], base=base, density=0.5)``."""
     if base is not None:
@@ -354,7 +337,7 @@ class _Combo(Expr):
         for x, _ in self.terms:
             yield from x._leaves()
 
-    def _doc(self, low: "_Lowering") -> dict | None:
+    def _doc(self, low: "Lowering") -> dict | None:
         if len(self.terms) == 1 and self.terms[0][1] == 1.0:
             return None  # the identity
         return {"merge_method": "linear",
@@ -375,7 +358,7 @@ class _Merged(Expr):
         for x, _ in self.inputs:
             yield from x._leaves()
 
-    def _doc(self, low: "_Lowering") -> dict:
+    def _doc(self, low: "Lowering") -> dict:
         doc: dict[str, Any] = {"merge_method": self.method}
         if self.base is not None:
             doc["base_model"] = low.ref(self.base)
@@ -389,41 +372,6 @@ class _Merged(Expr):
         if self.params:
             doc["parameters"] = dict(self.params)
         return doc
-
-
-class _Stack(Expr):
-    def __init__(self, slices: tuple[tuple[LayerRange, ...], ...], method: str, params: dict):
-        self.slices, self.method, self.params = slices, method, params
-
-    def __repr__(self) -> str:
-        return f"stack({', '.join(repr(s) for s in self.slices)})"
-
-    def _leaves(self):
-        for group in self.slices:
-            for r in group:
-                yield from r.expr._leaves()
-
-    def _doc(self, low: "_Lowering") -> dict:
-        doc: dict[str, Any] = {"merge_method": self.method, "slices": [
-            {"sources": [{"model": low.ref(r.expr), "layer_range": [r.start, r.end]} for r in group]}
-            for group in self.slices]}
-        if self.params:
-            doc["parameters"] = dict(self.params)
-        return doc
-
-
-class _Upscale(Expr):
-    def __init__(self, expr: Expr, copies: int, drop: int):
-        self.expr, self.copies, self.drop = expr, copies, drop
-
-    def __repr__(self) -> str:
-        return f"{self.expr!r}.upscale(copies={self.copies}, drop={self.drop})"
-
-    def _leaves(self):
-        yield from self.expr._leaves()
-
-    def _doc(self, low: "_Lowering") -> dict:
-        return {"depth_upscale": {"model": low.ref(self.expr), "copies": self.copies, "drop": self.drop}}
 
 
 def _apply(model: Expr, tv: TaskVector) -> Expr:
@@ -463,52 +411,3 @@ def _same(a: Any, b: Any) -> bool:
 def _no_number(op: str, other: Any):
     raise TypeError(f"cannot {op} {type(other).__name__} {other!r} and a model: scale a task vector instead, "
                     "e.g. base + 0.5 * (finetuned - base)")
-
-
-class _Lowering:
-    """Turns an expression into plan documents, one per intermediate step, dependencies first."""
-
-    def __init__(self):
-        self.docs: list[dict] = []
-        self.names: dict[int, str] = {}
-        self.used: set[str] = set()
-
-    def ref(self, x: Expr) -> str:
-        if isinstance(x, Model):
-            return str(x)
-        if id(x) in self.names:
-            return self.names[id(x)]
-        doc = x._doc(self)
-        if doc is None:  # identity combination
-            return self.ref(x.terms[0][0])
-        name = x._name or f"step{len(self.docs) + 1}"
-        if name in self.used:
-            raise ValueError(f"two steps are named {name!r}")
-        self.used.add(name)
-        self.docs.append({"name": name, **doc})
-        self.names[id(x)] = name
-        return name
-
-    def run(self, x: Expr) -> list[dict]:
-        if isinstance(x, Model):
-            doc = {"merge_method": "passthrough", "models": [{"model": str(x)}]}
-        else:
-            doc = x._doc(self)
-            if doc is None:
-                return self.run(x.terms[0][0])
-        if x._name:
-            doc = {"name": x._name, **doc}
-        return self.docs + [doc]
-
-
-class _PlanDumper(yaml.SafeDumper):
-    """Numeric lists (gradients, layer ranges) in flow style, as mergekit writes them."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list):
-    flow = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_PlanDumper.add_representer(list, _represent_list)
-_PlanDumper.add_representer(tuple, _represent_list)

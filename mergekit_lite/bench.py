@@ -50,7 +50,10 @@ def add_arguments(p) -> None:
     p.add_argument("--upscale", action="store_true", help="also time a SOLAR-style depth upscale of one model")
     p.add_argument("--mergekit", default=None, metavar="PATH",
                    help="mergekit-yaml executable [found on PATH; skipped when absent]")
-    p.add_argument("--device", default="cpu", help="device for both tools [cpu]")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="another checkout of mergekit-lite (a folder holding mergekit_lite/) timed side by side, "
+                        "e.g. before and after a change")
+    p.add_argument("--device", default="cpu", help="device for every tool [cpu]")
     p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept [1]")
     p.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden size of the generated models [{HIDDEN}]")
     p.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary size of the generated models [{VOCAB}]")
@@ -158,12 +161,13 @@ def _plan_steps(paths: dict[str, str], dtype: str, inter: dict[str, str] | None)
 # measuring
 
 
-def _measure(cmd: list[str], repeat: int, cleanup: list[str]) -> dict[str, Any]:
+def _measure(cmd: list[str], repeat: int, cleanup: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     best: dict[str, Any] | None = None
     for _ in range(max(1, repeat)):
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
-        out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True,
+                             env={**os.environ, **env} if env else None)
         result = json.loads(out.stdout)
         if result["rc"] != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result['stderr']}")
@@ -185,112 +189,145 @@ def _row(name: str, tool: str, result: dict, baseline: int, written: int, bound:
             "bound": bound, "within_bound": extra <= bound}
 
 
-def run_bench(args) -> dict[str, Any]:
-    work = os.path.abspath(args.dir)
-    os.makedirs(work, exist_ok=True)
-    n = args.models
-    paths = _make_models(work, max(n, 3 if args.multistep else n), args.size_gb, args.dtype, args.hidden, args.vocab)
+class _Tool:
+    """One engine to time: its command line for a plan, its environment, its import-only RSS."""
+
+    def __init__(self, name: str, command, env: dict[str, str] | None, baseline_cmd: list[str]):
+        self.name = name
+        self.command = command  # (plan, out) -> argv
+        self.env = env
+        self.baseline = _measure(baseline_cmd, 1, [], env)["maxrss"]
+
+
+def _tools(args) -> list[_Tool]:
+    """mergekit-lite; another checkout of it (``--compare``); mergekit when installed."""
+    here = [sys.executable, "-c", "import torch, mergekit_lite.merge, mergekit_lite.executor"]
+
+    def ours(plan: str, out: str) -> list[str]:
+        return [sys.executable, "-m", "mergekit_lite", "run", plan, out, "--overwrite", "-q", "--device", args.device]
+
+    tools = [_Tool("mergekit-lite", ours, None, here)]
+    if args.compare:
+        src = os.path.abspath(args.compare)
+        if not os.path.isdir(os.path.join(src, "mergekit_lite")):
+            raise SystemExit(f"--compare {args.compare}: no mergekit_lite package there")
+        tools.append(_Tool(f"mergekit-lite ({os.path.basename(src)})", ours, {"PYTHONPATH": src}, here))
     mk = args.mergekit or shutil.which("mergekit-yaml")
     if mk and not os.path.exists(mk):
         raise SystemExit(f"--mergekit {mk}: not found")
-    ours = [sys.executable, "-m", "mergekit_lite"]
-    base_ours = _measure([sys.executable, "-c", "import torch, mergekit_lite.merge, mergekit_lite.executor"], 1, [])
-    base_mk = None
     if mk:
-        base_mk = _measure([_mergekit_python(mk), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"], 1, [])
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
-    shapes = _shapes(args.size_gb, itemsize, args.hidden, args.vocab)
-    largest = _largest_f32(shapes)
-    written = sum(numel(s) for s in shapes.values()) * itemsize
-    rows = []
-    plans = os.path.join(work, "plans")
-    os.makedirs(plans, exist_ok=True)
-    from . import methods as registry
+        extra = ["--cuda"] if args.device.startswith("cuda") else []
+        tools.append(_Tool("mergekit", lambda plan, out: [mk, plan, out, *extra], None,
+                           [_mergekit_python(mk), "-c", "import mergekit.merge, mergekit.scripts.run_yaml"]))
+    return tools
 
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+
+class _Bench:
+    """The scenarios of one ``bench`` run, every tool on each, rows in the order measured."""
+
+    def __init__(self, args):
+        self.args = args
+        self.work = os.path.abspath(args.dir)
+        os.makedirs(os.path.join(self.work, "plans"), exist_ok=True)
+        self.n = args.models
+        self.paths = _make_models(self.work, max(self.n, 3 if args.multistep else self.n), args.size_gb, args.dtype,
+                                  args.hidden, args.vocab)
+        self.tools = _tools(args)
+        self.itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+        self.shapes = _shapes(args.size_gb, self.itemsize, args.hidden, args.vocab)
+        self.largest = _largest_f32(self.shapes)
+        self.written = sum(numel(s) for s in self.shapes.values()) * self.itemsize
+        self.rows: list[dict] = []
+
+    def plan(self, name: str, text: str) -> str:
+        path = os.path.join(self.work, "plans", name)
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    def time_all(self, scenario: str, plan: str, written: int, bound: int) -> None:
+        out = os.path.join(self.work, "out")
+        for tool in self.tools:
+            r = _measure(tool.command(plan, out), self.args.repeat, [out], tool.env)
+            self.rows.append(_row(scenario, tool.name, r, tool.baseline, written, bound))
+        shutil.rmtree(out, ignore_errors=True)
+
+    def single(self, method: str) -> None:
+        from . import methods as registry
+
         registry.get(method)
-        plan = os.path.join(plans, f"{method}.yml")
-        with open(plan, "w") as fh:
-            fh.write(_plan_single(method, paths, n, args.dtype))
-        out = os.path.join(work, "out-lite")
-        bound = (n + (method != "linear") + 3) * largest
-        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
-        rows.append(_row(f"{method} {n}x{args.size_gb:g}GB", "mergekit-lite", r, base_ours["maxrss"], written, bound))
-        if mk:
-            out = os.path.join(work, "out-mk")
-            extra = ["--cuda"] if args.device.startswith("cuda") else []
-            r = _measure([mk, plan, out, *extra], args.repeat, [out])
-            rows.append(_row(f"{method} {n}x{args.size_gb:g}GB", "mergekit", r, base_mk["maxrss"], written, bound))
+        plan = self.plan(f"{method}.yml", _plan_single(method, self.paths, self.n, self.args.dtype))
+        bound = (self.n + (method != "linear") + 3) * self.largest
+        self.time_all(f"{method} {self.n}x{self.args.size_gb:g}GB", plan, self.written, bound)
 
-    if args.upscale:
-        layers = sum(1 for k in shapes if k.endswith("input_layernorm.weight"))
+    def upscale(self) -> None:
+        layers = sum(1 for k in self.shapes if k.endswith("input_layernorm.weight"))
         drop = max(1, layers // 4) if layers > 2 else 0
         ranges = [(0, layers - drop), (drop, layers)]
-        plan = os.path.join(plans, "upscale.yml")
-        with open(plan, "w") as fh:
-            fh.write("merge_method: passthrough\nslices:\n" + "".join(
-                f"  - sources: [{{model: {paths['base']}, layer_range: [{a}, {b}]}}]\n" for a, b in ranges)
-                + f"dtype: {args.dtype}\n")
-        name = f"upscale {args.size_gb:g}GB x2"
-        per_layer = sum(numel(v) for k, v in shapes.items() if ".layers.0." in k) * itemsize
-        up_written = written + (layers - 2 * drop) * per_layer
-        bound = (1 + 3) * largest
-        out = os.path.join(work, "out-lite")
-        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
-        rows.append(_row(name, "mergekit-lite", r, base_ours["maxrss"], up_written, bound))
-        if mk:
-            out = os.path.join(work, "out-mk")
-            r = _measure([mk, plan, out], args.repeat, [out])
-            rows.append(_row(name, "mergekit", r, base_mk["maxrss"], up_written, bound))
+        plan = self.plan("upscale.yml", "merge_method: passthrough\nslices:\n" + "".join(
+            f"  - sources: [{{model: {self.paths['base']}, layer_range: [{a}, {b}]}}]\n" for a, b in ranges)
+            + f"dtype: {self.args.dtype}\n")
+        per_layer = sum(numel(v) for k, v in self.shapes.items() if ".layers.0." in k) * self.itemsize
+        self.time_all(f"upscale {self.args.size_gb:g}GB x2", plan, self.written + (layers - 2 * drop) * per_layer,
+                      4 * self.largest)
 
-    if args.multistep:
-        name = f"3-step recipe {args.size_gb:g}GB"
-        bound = (4 + 3) * largest
-        plan = os.path.join(plans, "multistep.yml")
-        with open(plan, "w") as fh:
-            fh.write(_plan_steps(paths, args.dtype, None)[0])
-        out = os.path.join(work, "out-lite")
-        r = _measure(ours + ["run", plan, out, "--overwrite", "-q", "--device", args.device], args.repeat, [out])
-        rows.append(_row(name, "mergekit-lite (one pass)", r, base_ours["maxrss"], written, bound))
-        inter = {"one": os.path.join(work, "inter-one"), "two": os.path.join(work, "inter-two")}
-        stages = _plan_steps(paths, args.dtype, inter)
-        targets = [inter["one"], inter["two"], os.path.join(work, "out-stages")]
-        for tool, cmd_of, base in (("mergekit-lite (3 runs)", lambda p, o: ours + ["run", p, o, "--overwrite", "-q",
-                                                                                  "--device", args.device], base_ours),
-                                   ("mergekit (3 runs)", (lambda p, o: [mk, p, o]) if mk else None, base_mk)):
-            if cmd_of is None:
-                continue
-            total = {"seconds": 0.0, "maxrss": 0}
-            for i, (text, target) in enumerate(zip(stages, targets)):
-                stage_plan = os.path.join(plans, f"stage{i + 1}.yml")
-                with open(stage_plan, "w") as fh:
-                    fh.write(text)
-                r = _measure(cmd_of(stage_plan, target), 1, [target])
-                total["seconds"] += r["seconds"]
-                total["maxrss"] = max(total["maxrss"], r["maxrss"])
-            rows.append(_row(name, tool, total, base["maxrss"], written, bound))
+    def multistep(self) -> None:
+        name = f"3-step recipe {self.args.size_gb:g}GB"
+        bound = (4 + 3) * self.largest
+        for tool in self.tools:
+            if tool.name.startswith("mergekit-lite"):
+                plan = self.plan("multistep.yml", _plan_steps(self.paths, self.args.dtype, None)[0])
+                out = os.path.join(self.work, "out")
+                r = _measure(tool.command(plan, out), self.args.repeat, [out], tool.env)
+                self.rows.append(_row(name, tool.name + " (one pass)", r, tool.baseline, self.written, bound))
+        for tool in self.tools:
+            self.rows.append(_row(name, tool.name + " (3 runs)", self.staged(tool), tool.baseline, self.written, bound))
+
+    def staged(self, tool: _Tool) -> dict[str, Any]:
+        """The recipe as three runs with intermediates on disk: total time, largest RSS."""
+        inter = {"one": os.path.join(self.work, "inter-one"), "two": os.path.join(self.work, "inter-two")}
+        targets = [inter["one"], inter["two"], os.path.join(self.work, "out-stages")]
+        total = {"seconds": 0.0, "maxrss": 0}
+        for i, (text, target) in enumerate(zip(_plan_steps(self.paths, self.args.dtype, inter), targets)):
+            r = _measure(tool.command(self.plan(f"stage{i + 1}.yml", text), target), 1, [target], tool.env)
+            total["seconds"] += r["seconds"]
+            total["maxrss"] = max(total["maxrss"], r["maxrss"])
         for t in targets:
             shutil.rmtree(t, ignore_errors=True)
+        return total
 
-    lines = [f"{'scenario':<26} {'tool':<26} {'seconds':>8} {'GB/s':>8} {'peak RSS - base':>16} {'bound':>10}"]
+
+def run_bench(args) -> dict[str, Any]:
+    bench = _Bench(args)
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        bench.single(method)
+    if args.upscale:
+        bench.upscale()
+    if args.multistep:
+        bench.multistep()
+    report = _report(bench.rows)
+    if not any(t.name == "mergekit" for t in bench.tools):
+        report["text"] += "\nmergekit not found (pip install mergekit, or pass --mergekit PATH): its columns are skipped"
+    report.update(largest_tensor_f32=bench.largest, bytes_written=bench.written,
+                  baseline_rss={t.name: t.baseline for t in bench.tools})
+    return report
+
+
+def _report(rows: list[dict]) -> dict[str, Any]:
+    """The table, and each other tool's time and RSS as ratios to mergekit-lite's (the first row)."""
+    lines = [f"{'scenario':<26} {'tool':<34} {'seconds':>8} {'GB/s':>8} {'peak RSS - base':>16} {'bound':>10}"]
     for r in rows:
-        lines.append(f"{r['scenario']:<26} {r['tool']:<26} {r['seconds']:>8.2f} {r['gb_per_s']:>8.3f} "
+        lines.append(f"{r['scenario']:<26} {r['tool']:<34} {r['seconds']:>8.2f} {r['gb_per_s']:>8.3f} "
                      f"{r['peak_rss_over_baseline'] / 1e6:>13.0f} MB {r['bound'] / 1e6:>7.0f} MB"
                      + ("" if r["within_bound"] else "  (over)"))
     ratios = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         group = [r for r in rows if r["scenario"] == scenario]
-        lite = next(r for r in group if r["tool"].startswith("mergekit-lite"))
-        for other in group:
-            if other is lite:
-                continue
+        lite = group[0]
+        for other in group[1:]:
             ratios.append({"scenario": scenario, "versus": other["tool"],
                            "speedup": round(other["seconds"] / lite["seconds"], 2),
                            "rss_ratio": round(lite["peak_rss_over_baseline"] / max(1, other["peak_rss_over_baseline"]), 2)})
             lines.append(f"{scenario}: mergekit-lite is {ratios[-1]['speedup']}x as fast as {other['tool']}, "
                          f"peak RSS {ratios[-1]['rss_ratio']}x of it")
-    if not mk:
-        lines.append("mergekit not found (pip install mergekit, or pass --mergekit PATH): its columns are skipped")
-    return {"rows": rows, "ratios": ratios, "largest_tensor_f32": largest, "bytes_written": written,
-            "baseline_rss": {"mergekit-lite": base_ours["maxrss"], "mergekit": base_mk["maxrss"] if base_mk else None},
-            "text": "\n".join(lines)}
+    return {"rows": rows, "ratios": ratios, "text": "\n".join(lines)}

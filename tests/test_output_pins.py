@@ -15,8 +15,6 @@ import json
 import os
 import sys
 
-import pytest
-
 import mergekit_lite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
