@@ -1,0 +1,121 @@
+"""What a validated plan is: the frozen records that parsing produces and everything after it reads.
+
+A :class:`Recipe` is a whole plan file; each of its steps is a :class:`MergePlan` (what mergekit calls
+a MergeConfiguration) whose inputs are :class:`InputModel` entries (``models:``), :class:`OutputSlice`
+entries of :class:`SliceSource` (``slices:``) or one :class:`DepthUpscale`. Every record keeps its key
+path in the plan so that later checks (:mod:`mergekit_lite.plan.expand`, the graph) can still point
+at the file and line. These records hold no parsing code: see :mod:`mergekit_lite.plan.schema` for
+the entry points and :mod:`mergekit_lite.plan.parser` for the rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .. import methods
+from ..errors import Issue
+from .source import Document, Path
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the plan names it: a local folder or file, or a Hub repo id with a revision."""
+
+    path: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class InputModel:
+    model: ModelRef
+    parameters: Mapping[str, Any]
+    path: Path  # where it is in the plan, for error messages
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    parameters: Mapping[str, Any]
+    base_model: ModelRef | None
+    path: Path
+
+
+@dataclass(frozen=True)
+class DepthUpscale:
+    """``depth_upscale: {model, copies, drop}``: SOLAR-style stacking of copies of one model."""
+
+    model: ModelRef
+    copies: int
+    drop: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """One merge step: what mergekit calls a MergeConfiguration."""
+
+    merge_method: str
+    base_model: ModelRef | None
+    models: tuple[InputModel, ...] | None
+    slices: tuple[OutputSlice, ...] | None
+    parameters: Mapping[str, Any]
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: ModelRef | str | None = None
+    name: str | None = None
+    save: str | None = None
+    seed: int | None = None
+    depth_upscale: DepthUpscale | None = None
+    embed_source: ModelRef | None = None
+    head_source: ModelRef | None = None
+    expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
+    doc: Document | None = field(default=None, compare=False, repr=False)
+    prefix: Path = ()  # key path of this step inside its document (``steps[i]``)
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.get(self.merge_method)
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the step reads, in first-mention order, base first."""
+        seen: list[ModelRef] = []
+        for ref in [self.base_model] + [m.model for m in self.models or ()] + [
+            s.model for sl in self.slices or () for s in sl.sources
+        ] + [self.depth_upscale.model if self.depth_upscale else None, self.embed_source, self.head_source]:
+            if ref is not None and ref not in seen:
+                seen.append(ref)
+        return seen
+
+    def issue(self, path: Path, message: str) -> Issue:
+        if self.doc is None:
+            return Issue("<plan>", None, "", message)
+        return self.doc.issue(self.prefix + tuple(path), message)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole plan file: one or more steps; ``steps[-1]`` is the output."""
+
+    steps: tuple[MergePlan, ...]
+    file: str
+    text: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def output(self) -> MergePlan:
+        return self.steps[-1]
+
+    def step(self, name: str) -> MergePlan | None:
+        return next((s for s in self.steps if s.name == name), None)
+
