@@ -109,6 +109,20 @@ class Method:
     # Scratch bytes that do not scale with the tensor (bounded buffers), as a function of the
     # output's number of entries; counted on top of `workspace`.
     scratch: Callable[[int], int] = field(default=lambda numel: 0)
+    # Cross-parameter checks: each takes {name: value} (per-model values as lists) and returns
+    # the problem, or None.
+    checks: tuple[Callable[[dict], str | None], ...] = ()
+    # Shape of the result from the inputs' shapes (non-base inputs, base) and the parameters.
+    shape: Callable[[list, Any, dict], tuple[int, ...]] = field(default=lambda shapes, base, params: same_shape(
+        shapes, base, params))
+
+    def check(self, values: dict) -> str | None:
+        """The first problem the cross-parameter checks find with these values, or None."""
+        return next((problem for check in self.checks if (problem := check(values))), None)
+
+    def output_shape(self, shapes: list[tuple[int, ...]], base: tuple[int, ...] | None, params: dict
+                     ) -> tuple[int, ...]:
+        return tuple(self.shape(shapes, base, params))
 
     def workspace_bytes(self, n_inputs: int, numel: int) -> int:
         """Peak bytes of temporaries of one call (its float32 result included)."""
@@ -130,33 +144,66 @@ class Method:
         return tuple(p for p in self.params if p.scope == "model")
 
 
+def same_shape(shapes: list[tuple[int, ...]], base: tuple[int, ...] | None, params: dict) -> tuple[int, ...]:
+    """The default output shape rule: the inputs' shape (the plan checks that they agree)."""
+    return tuple(base if base is not None else shapes[0])
+
+
 REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", min_models: int = 1,
              max_models: int | None = None, random: bool = False, paper: str = "",
+             checks: Callable[[dict], str | None] | tuple[Callable[[dict], str | None], ...] = (),
+             shape: Callable[[list, Any, dict], tuple[int, ...]] | None = None,
              workspace: Callable[[int], float] | None = None, scratch: Callable[[int], int] | None = None):
-    """Decorator: register `fn` as merge method `name`.
+    """Decorator: register `fn` as merge method `name`, with its whole contract in one place.
 
-    The function's keyword parameters must be exactly the declared params (plus ``generators`` for
-    random methods), so the registry and the function cannot drift apart.
+    - `params`: what a plan may set (name, type, scope, default, per-value check);
+    - `checks`: cross-parameter checks over the resolved values of one tensor (reported as plan
+      errors with file and line, before any tensor is read);
+    - `shape`: the output shape from the inputs' shapes and the parameters (default: the inputs');
+    - `workspace` / `scratch`: the memory declaration the ledger plans with (float32 temporaries in
+      output-sized units, as a function of the number of inputs; bounded scratch bytes).
+
+    Checked at import: the function's keyword-only parameters are exactly the declared params
+    (plus ``generators`` for random methods). Decision: a keyword-only parameter may have a default
+    in the signature (so the function reads well when called directly), but then it must equal the
+    Param's default; a required Param must have none. The executor always passes every declared
+    parameter, so the signature's defaults never decide a value in a merge: the Param's do.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        sig = inspect.signature(fn)
-        declared = {p.pyname for p in params} | ({"generators"} if random else set())
-        taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
-        if declared != taken:
-            raise TypeError(f"merge method {name!r}: keyword parameters {sorted(taken)} "
-                            f"do not match the declared {sorted(declared)}")
+        _check_signature(name, fn, params, random)
         REGISTRY[name] = Method(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                 max_models=max_models, random=random, paper=paper,
-                                workspace=workspace or (lambda n: 2.0), scratch=scratch or (lambda numel: 0))
+                                checks=checks if isinstance(checks, tuple) else (checks,),
+                                shape=shape or same_shape, workspace=workspace or (lambda n: 2.0),
+                                scratch=scratch or (lambda numel: 0))
         return fn
 
     return wrap
+
+
+def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...], random: bool) -> None:
+    sig = inspect.signature(fn)
+    declared = {p.pyname for p in params} | ({"generators"} if random else set())
+    taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
+    if declared != taken:
+        raise TypeError(f"merge method {name!r}: keyword parameters {sorted(taken)} "
+                        f"do not match the declared {sorted(declared)}")
+    for p in params:
+        default = sig.parameters[p.pyname].default
+        if default is inspect.Parameter.empty:
+            continue
+        if p.required:
+            raise TypeError(f"merge method {name!r}: parameter {p.name!r} is required, but the function gives it "
+                            f"the default {default!r}")
+        if default != p.default or type(default) is not type(p.default):
+            raise TypeError(f"merge method {name!r}: parameter {p.name!r} defaults to {p.default!r} in its Param "
+                            f"but to {default!r} in the function's signature")
 
 
 def get(name: str) -> Method:

@@ -46,6 +46,7 @@ _WORKSPACE = gta_workspace(extra_per_model=2.0, sparsify=5.5)  # measured: tests
     base="required",
     random=True,
     paper=PAPER,
+    checks=_check,
     workspace=_WORKSPACE,
 )
 def della(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
@@ -78,6 +79,7 @@ def della(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float
     base="required",
     random=True,
     paper=PAPER,
+    checks=_check,
     workspace=_WORKSPACE,
 )
 def della_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
@@ -91,5 +93,3 @@ def della_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: lis
                   lambda_)
 
 
-della.check_params = _check  # type: ignore[attr-defined]
-della_linear.check_params = _check  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ def _check(params: dict) -> str | None:
     base="none",
     min_models=1,
     paper="https://arxiv.org/abs/2603.04972",
+    checks=_check,
     workspace=lambda n: 4.0,  # the mean, the tangent, an upcast input, dot scratch
     scratch=scratch_bytes,
 )
@@ -98,4 +99,3 @@ def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: l
     return mean.mul_(sum(alpha[i] * norms[i] for i in range(len(tensors))))
 
 
-karcher.check_params = _check  # type: ignore[attr-defined]

@@ -51,6 +51,7 @@ def _check(params: dict) -> str | None:
     ),
     base="none",
     paper="https://arxiv.org/abs/2203.05482",
+    checks=_check,
     workspace=lambda n: 2.0,
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
@@ -68,4 +69,3 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: li
     return acc
 
 
-linear.check_params = _check  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ def _check(params: dict) -> str | None:
     base="optional",
     min_models=1,
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    checks=_check,
     workspace=lambda n: 5.0,  # the upcast base, one task vector (and its upcast), the mean, dot scratch
     scratch=scratch_bytes,
 )
@@ -81,4 +82,3 @@ def multislerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight
     return out.add_(base32) if base32 is not None else out
 
 
-multislerp.check_params = _check  # type: ignore[attr-defined]

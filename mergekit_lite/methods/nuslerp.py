@@ -64,6 +64,7 @@ def _check(params: dict) -> str | None:
     min_models=2,
     max_models=2,
     paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    checks=_check,
     workspace=lambda n: 5.0,
     scratch=scratch_bytes,
 )
@@ -90,4 +91,3 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: l
     return out.add_(base32)
 
 
-nuslerp.check_params = _check  # type: ignore[attr-defined]

@@ -108,7 +108,6 @@ class _Expander:
         self.warnings: list[str] = []
         self._seen: set[tuple] = set()
         self.out_dtype = parse_dtype(plan.out_dtype or plan.dtype) if (plan.out_dtype or plan.dtype) else None
-        self.check_params = getattr(method.fn, "check_params", None)
 
     # -- problems ----------------------------------------------------------------------------
     def issue_once(self, key: tuple, path: tuple, message: str) -> None:
@@ -171,7 +170,10 @@ class _Expander:
         params, model_params = self.resolve_params(sl, out_name, inputs, [by_source[id(s)].tensor for s in inputs], t)
         dtype = self.out_dtype or (self.infos[base.model] if base else self.infos[inputs[0].model]).tensors[
             by_source[id(base or inputs[0])].tensor].dtype
-        return OutputTensor(out_name, ref_info.shape, dtype, tuple(by_source[id(s)] for s in inputs),
+        shape_of = {id(s): shape for s, shape in zip(sl.sources, shapes)}
+        shape = self.method.output_shape([shape_of[id(s)] for s in inputs], shape_of[id(base)] if base else None,
+                                         {**dict(params), **dict(model_params)})
+        return OutputTensor(out_name, shape, dtype, tuple(by_source[id(s)] for s in inputs),
                             by_source[id(base)] if base else None, params, model_params, section=section)
 
     def resolve_params(self, sl: _Slice, out_name: str, inputs: list[SliceSource], in_names: list[str], t: float):
@@ -187,11 +189,9 @@ class _Expander:
                 v = resolve(p.name, [src.parameters, sl.parameters, plan.parameters], in_name, t)
                 vals.append(self.finish_value(p, v, in_name, src.path, src.model))
             model_values[p.name] = vals
-        if self.check_params is not None:
-            problem = self.check_params({**values, **model_values})
-            if problem:
-                self.issue_once(("check", problem), sl.path if sl.path else ("parameters",),
-                                f"tensor {out_name}: {problem}")
+        problem = method.check({**values, **model_values})
+        if problem:
+            self.issue_once(("check", problem), sl.path if sl.path else ("parameters",), f"tensor {out_name}: {problem}")
         return (tuple(values.items()), tuple((k, tuple(v)) for k, v in model_values.items()))
 
     def finish_value(self, p: methods.Param, v: Any, tensor: str, path: tuple, model: ModelRef | None) -> Any:
