@@ -14,8 +14,15 @@ Call convention::
 - ``base``: the base model's tensor, or None.
 - global parameters arrive as scalars; per-model parameters as lists aligned with ``tensors``.
 - random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
+- methods that declare a ``statistic`` also receive ``stats``: None when called on whole tensors
+  (the method gathers it itself), else what the statistic gives for this piece (:mod:`.stats`).
 
 Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
+
+A method declared ``separable`` computes each entry (or each row, ``separable="rows"``) of its
+result from the same entry (row) of its inputs and the statistic alone, so the engine may call it
+on any row range of a tensor and concatenate the results: it then streams large tensors in row
+blocks and merges each block in cache-sized tiles, with the same bits as a call on the whole.
 """
 
 from __future__ import annotations
@@ -115,6 +122,11 @@ class Method:
     # Shape of the result from the inputs' shapes (non-base inputs, base) and the parameters.
     shape: Callable[[list, Any, dict], tuple[int, ...]] = field(default=lambda shapes, base, params: same_shape(
         shapes, base, params))
+    # Whether the method may run on row ranges of a tensor (see the module docstring): False, True
+    # (entry by entry) or "rows"; or a function of the parameters giving one of those.
+    separable: Any = False
+    # The per-tensor statistic it needs, a function (params, shape) -> Statistic, or None.
+    statistic: Callable[[dict, tuple[int, ...]], Any] | None = None
 
     def check(self, values: dict) -> str | None:
         """The first problem the cross-parameter checks find with these values, or None."""
@@ -123,6 +135,11 @@ class Method:
     def output_shape(self, shapes: list[tuple[int, ...]], base: tuple[int, ...] | None, params: dict
                      ) -> tuple[int, ...]:
         return tuple(self.shape(shapes, base, params))
+
+    def streams(self, params: dict) -> bool:
+        """Whether a call with these parameters may run on row ranges (row blocks, tiles)."""
+        kind = self.separable(params) if callable(self.separable) else self.separable
+        return bool(kind)
 
     def workspace_bytes(self, n_inputs: int, numel: int) -> int:
         """Peak bytes of temporaries of one call (its float32 result included)."""
@@ -156,7 +173,8 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
              max_models: int | None = None, random: bool = False, paper: str = "",
              checks: Callable[[dict], str | None] | tuple[Callable[[dict], str | None], ...] = (),
              shape: Callable[[list, Any, dict], tuple[int, ...]] | None = None,
-             workspace: Callable[[int], float] | None = None, scratch: Callable[[int], int] | None = None):
+             workspace: Callable[[int], float] | None = None, scratch: Callable[[int], int] | None = None,
+             separable: Any = False, statistic: Callable[[dict, tuple[int, ...]], Any] | None = None):
     """Decorator: register `fn` as merge method `name`, with its whole contract in one place.
 
     - `params`: what a plan may set (name, type, scope, default, per-value check);
@@ -164,7 +182,9 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
       errors with file and line, before any tensor is read);
     - `shape`: the output shape from the inputs' shapes and the parameters (default: the inputs');
     - `workspace` / `scratch`: the memory declaration the ledger plans with (float32 temporaries in
-      output-sized units, as a function of the number of inputs; bounded scratch bytes).
+      output-sized units, as a function of the number of inputs; bounded scratch bytes);
+    - `separable` / `statistic`: whether the engine may run it on row ranges, and the per-tensor
+      statistic it then needs gathered first (:mod:`.stats`; the function receives ``stats``).
 
     Checked at import: the function's keyword-only parameters are exactly the declared params
     (plus ``generators`` for random methods). Decision: a keyword-only parameter may have a default
@@ -176,20 +196,21 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        _check_signature(name, fn, params, random)
+        _check_signature(name, fn, params, random, statistic is not None)
         REGISTRY[name] = Method(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
                                 max_models=max_models, random=random, paper=paper,
                                 checks=checks if isinstance(checks, tuple) else (checks,),
                                 shape=shape or same_shape, workspace=workspace or (lambda n: 2.0),
-                                scratch=scratch or (lambda numel: 0))
+                                scratch=scratch or (lambda numel: 0), separable=separable, statistic=statistic)
         return fn
 
     return wrap
 
 
-def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...], random: bool) -> None:
+def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...], random: bool,
+                     stats: bool) -> None:
     sig = inspect.signature(fn)
-    declared = {p.pyname for p in params} | ({"generators"} if random else set())
+    declared = {p.pyname for p in params} | ({"generators"} if random else set()) | ({"stats"} if stats else set())
     taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
     if declared != taken:
         raise TypeError(f"merge method {name!r}: keyword parameters {sorted(taken)} "

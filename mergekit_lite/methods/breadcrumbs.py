@@ -12,16 +12,30 @@ import torch
 from . import register
 from .gta import (DENSITY, GAMMA, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,
                   gta_workspace, normalize_param, rescale_mode_param, rescale_param)
-from .sparsify import trim_outliers
+from .ranks import TensorTrim
+from .select import CUT_BYTES
+from .sparsify import outlier_window
+from .stats import gather
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
 
-def _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, consensus, normalize, lambda_):
-    return generalized_task_arithmetic(
-        tensors, base, weight,
-        sparsify=lambda i, tau: trim_outliers(tau, density[i], gamma[i], rescale=rescale, mode=rescale_mode),
-        consensus=consensus, normalize=normalize, lambda_=lambda_)
+def window_statistic(params: dict, shape: tuple[int, ...]) -> TensorTrim:
+    """Each task vector's rank window, gathered before the tensor is merged in pieces."""
+    n = 1
+    for d in shape:
+        n *= d
+    windows = [outlier_window(n, d, g) for d, g in zip(params["density"], params["gamma"])]
+    return TensorTrim(windows, n, params["rescale_mode"] if params["rescale"] else None, params["density"])
+
+
+def _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, consensus, normalize, lambda_,
+                 stats):
+    if stats is None:
+        params = {"density": density, "gamma": gamma, "rescale": rescale, "rescale_mode": rescale_mode}
+        stats = gather(window_statistic(params, tuple(base.shape)), tensors, base).at(0)
+    return generalized_task_arithmetic(tensors, base, weight, sparsify=lambda i, tau: stats.kept(i, tau),
+                                       consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 @register(
@@ -31,10 +45,13 @@ def _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, c
     base="required",
     paper=PAPER,
     workspace=gta_workspace(),
+    scratch=lambda numel: 2 * CUT_BYTES,  # one model's two cuts are found at a time
+    separable=True,
+    statistic=window_statistic,
 )
 def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
                 gamma: list[float], lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
-                rescale_mode: str = "l1", int8_mask: bool = False) -> torch.Tensor:
+                rescale_mode: str = "l1", int8_mask: bool = False, stats=None) -> torch.Tensor:
     """Model Breadcrumbs, merged by task arithmetic.
 
     For τ_i = θ_i − θ_base with n entries ranked by |τ_i| ascending (ties by position): keep ranks
@@ -47,7 +64,8 @@ def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     and 0.1.5 (which zeroes tensors where ⌊density·n⌋ = 0), gamma = 0 is a plain top-k trim and a
     tiny tensor keeps at least its largest entry. Defaults: density 1, gamma 0.01, normalize false.
     """
-    return _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, None, normalize, lambda_)
+    return _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, None, normalize, lambda_,
+                        stats)
 
 
 @register(
@@ -57,14 +75,17 @@ def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     base="required",
     paper=PAPER,
     workspace=gta_workspace(),
+    scratch=lambda numel: 2 * CUT_BYTES,  # one model's two cuts are found at a time
+    separable=True,
+    statistic=window_statistic,
 )
 def breadcrumbs_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],
                      density: list[float], gamma: list[float], lambda_: float = 1.0, normalize: bool = False,
                      rescale: bool = False, rescale_mode: str = "l1", sign_election: str = "sum",
-                     int8_mask: bool = False) -> torch.Tensor:
+                     int8_mask: bool = False, stats=None) -> torch.Tensor:
     """Model Breadcrumbs masks (see ``breadcrumbs``), merged with TIES' sign election and disjoint
     merge: s = sign(Σ_i w_i·τ̂_i), θ = θ_base + λ·Σ_{i: sign(w_i τ̂_i)=s} w_i·τ̂_i
     (/ Σ of the agreeing w_i with ``normalize``; mergekit's default is false).
     """
     return _breadcrumbs(tensors, base, weight, density, gamma, rescale, rescale_mode, sign_election, normalize,
-                        lambda_)
+                        lambda_, stats)

@@ -46,12 +46,13 @@ def sum_of_weights(weights: list[float]) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def elect_sign(votes: Iterable[torch.Tensor], method: str = "sum") -> torch.Tensor:
-    """TIES "elect": the sign each parameter takes, as a bool tensor (True: +, False: −).
+def elected_sign(votes: Iterable[torch.Tensor], method: str = "sum") -> torch.Tensor:
+    """TIES "elect" as a float tensor σ of ±1 (+1: the parameter's sign is +).
 
     ``method="sum"`` (the paper, mergekit): sign(Σ_i w_i·τ̂_i); ``method="count"`` (PEFT's
     "frequency"): sign(Σ_i sign(w_i·τ̂_i)), one vote per model. A tie (0) elects +.
-    `votes` yields the weighted task vectors w_i·τ̂_i.
+    `votes` yields the weighted task vectors w_i·τ̂_i. Float operations only (no bool tensors,
+    which cost several times more per entry on CPU).
     """
     total = None
     for v in votes:
@@ -62,35 +63,44 @@ def elect_sign(votes: Iterable[torch.Tensor], method: str = "sum") -> torch.Tens
             total.add_(contribution)
     if total is None:
         raise ValueError("elect_sign needs at least one task vector")
-    return total.ge_(0).to(torch.bool)
+    return total.ge_(0).mul_(2).sub_(1)  # 1.0 where Σ ≥ 0, else -1.0
 
 
-def agrees(weighted: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Bool: the entry is non-zero and has the elected sign."""
-    return torch.where(positive, weighted > 0, weighted < 0)
+def elect_sign(votes: Iterable[torch.Tensor], method: str = "sum") -> torch.Tensor:
+    """:func:`elected_sign` as a bool tensor (True: +, False: −)."""
+    return elected_sign(votes, method) > 0
 
 
-def disjoint_merge(weighted: Iterable[tuple[torch.Tensor, float]], positive: torch.Tensor, *,
+def disjoint_merge(weighted: Iterable[tuple[torch.Tensor, float]], sign: torch.Tensor, *,
                    normalize: bool = True, min_divisor: float | None = None, scratch: bool = False) -> torch.Tensor:
     """TIES "disjoint merge": Σ_i w_i·τ̂_i over the models whose entry agrees with the elected sign,
     divided (``normalize``) by Σ w_i over those same models.
 
-    `weighted` yields (w_i·τ̂_i, w_i). Where no model agrees the sum is 0 and the divisor counts as
-    1; with ``min_divisor`` the divisor is clamped from below instead (SCE's rule). With
-    ``scratch`` the yielded tensors are buffers this step may overwrite (saves one temporary).
+    `weighted` yields (w_i·τ̂_i, w_i); `sign` is the elected sign (σ = ±1 floats, or a bool tensor,
+    True for +). Where no model agrees the sum is 0 and the divisor counts as 1; with
+    ``min_divisor`` the divisor is clamped from below instead (SCE's rule). With ``scratch`` the
+    yielded tensors are buffers this step may overwrite (saves one temporary).
+
+    With σ: an entry agrees iff σ·w_i·τ̂_i > 0, so Σ_agreeing w_i·τ̂_i = σ·Σ_i max(σ·w_i·τ̂_i, 0)
+    (the same sum, term for term: negation is exact) and the agreeing weights are counted by
+    sign(max(σ·w_i·τ̂_i, 0)) ∈ {0, 1}. Float operations only.
     """
-    mixed = divisor = None
+    sigma = sign.to(torch.float32).mul_(2).sub_(1) if sign.dtype == torch.bool else sign
+    mixed = divisor = agree = None
     for wd, w in weighted:
-        agree = agrees(wd, positive)
+        part = wd.mul_(sigma) if scratch else wd * sigma
+        part.clamp_(min=0)
         if mixed is None:
-            mixed = torch.zeros_like(wd)
-            divisor = torch.zeros_like(wd) if normalize else None
-        mixed.add_(wd.mul_(agree) if scratch else wd * agree)
+            mixed = torch.zeros_like(part)
+            divisor = torch.zeros_like(part) if normalize else None
+        mixed.add_(part)
         if normalize:
+            agree = torch.sign(part, out=agree) if agree is not None else torch.sign(part)
             divisor.add_(agree, alpha=w)
-        del agree
+        del part
     if mixed is None:
         raise ValueError("disjoint_merge needs at least one task vector")
+    mixed.mul_(sigma)
     if normalize:
         if min_divisor is None:
             divisor.masked_fill_(divisor == 0, 1.0)
@@ -138,9 +148,9 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
         if normalize:
             mixed.div_(sum_of_weights(weight))
     else:
-        positive = elect_sign((wd for wd, _ in weighted()), consensus)
-        mixed = disjoint_merge(weighted(), positive, normalize=normalize, scratch=True)
-        del positive
+        sign = elected_sign((wd for wd, _ in weighted()), consensus)
+        mixed = disjoint_merge(weighted(), sign, normalize=normalize, scratch=True)
+        del sign
     del buf, kept
     if lambda_ != 1.0:
         mixed.mul_(lambda_)

@@ -53,6 +53,7 @@ def _check(params: dict) -> str | None:
     paper="https://arxiv.org/abs/2203.05482",
     checks=_check,
     workspace=lambda n: 2.0,
+    separable=True,
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
            normalize: bool) -> torch.Tensor:

@@ -20,6 +20,7 @@ from . import Param, register
     min_models=2,
     paper="https://arxiv.org/abs/2403.19522",
     workspace=lambda n: 5.0,
+    separable=lambda params: params["filter_wise"],  # one ratio per row: rows are independent
 )
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool = False) -> torch.Tensor:
     """θ = t·θ̄ + (1 − t)·θ_base with θ̄ = (1/N)Σ_i θ_i and t = N·cos Ω / (1 + (N − 1)·cos Ω).

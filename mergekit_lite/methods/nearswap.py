@@ -20,6 +20,7 @@ from . import Param, non_negative, register
     max_models=1,
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     workspace=lambda n: 4.0,
+    separable=True,
 )
 def nearswap(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """θ = w·θ₁ + (1 − w)·θ_base with w = clamp(t / max(|θ_base − θ₁|, 1e-6), 0, 1) per entry.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .spherical import combine, dots, scratch_bytes
+from .spherical import combine, scratch_bytes
+from .stats import Dots, gather
 
 NORM_EPS = 1e-7  # a vector norm below this counts as this (mergekit's value)
 COLINEAR_EPS = 1e-8  # 1 − cos² ≤ COLINEAR_EPS² : colinear, interpolate linearly (mergekit's value)
@@ -29,11 +30,14 @@ def _coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor
     return c0, c1
 
 
-def interpolate(t: float, a: torch.Tensor, b: torch.Tensor, *, flatten: bool, dim: int) -> torch.Tensor:
+def interpolate(t: float, a: torch.Tensor, b: torch.Tensor, *, flatten: bool, dim: int,
+                stats: Dots | None = None) -> torch.Tensor:
     """Spherical interpolation of `a` toward `b` by `t`, each vector separately: the whole tensor
-    (``flatten``), else the vectors along `dim`. Result in float32; inputs untouched."""
+    (``flatten``; its dot products from `stats` when given), else the vectors along `dim`. Result
+    in float32; inputs untouched."""
     if flatten or a.dim() < 2:
-        aa, bb, ab = (torch.tensor(v, dtype=torch.float64) for v in dots(a, b))
+        stats = stats or gather(_vectors_statistic(), [a, b], None)
+        aa, bb, ab = (torch.tensor(stats.dot(i, j), dtype=torch.float64) for i, j in ((0, 0), (1, 1), (0, 1)))
         c0, c1 = _coefficients(t, aa, bb, ab)
         return combine(a, float(c0), b, float(c1))
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
@@ -43,6 +47,24 @@ def interpolate(t: float, a: torch.Tensor, b: torch.Tensor, *, flatten: bool, di
     c0, c1 = _coefficients(t, aa, bb, ab)
     out = a32 * c0.to(torch.float32)
     return out.addcmul_(b32, c1.to(torch.float32))
+
+
+def _vectors_statistic() -> Dots:
+    return Dots(lambda tensors, base: tensors, [(0, 0), (1, 1), (0, 1)])
+
+
+def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    base32 = base.to(torch.float32)
+    return [tensors[0].to(torch.float32) - base32, tensors[1].to(torch.float32) - base32]
+
+
+def nuslerp_statistic(params: dict, shape: tuple[int, ...]) -> Dots | None:
+    """Whole-tensor interpolation needs the dot products of the two vectors (models, or task
+    vectors with a base) over the whole tensor; vectors along the last dimension need nothing."""
+    if not (params["nuslerp_flatten"] or len(shape) < 2):
+        return None
+    return Dots(lambda tensors, base: tensors if base is None else _task_vectors(tensors, base),
+                [(0, 0), (1, 1), (0, 1)])
 
 
 def _check(params: dict) -> str | None:
@@ -67,9 +89,11 @@ def _check(params: dict) -> str | None:
     checks=_check,
     workspace=lambda n: 5.0,
     scratch=scratch_bytes,
+    separable=lambda params: params["nuslerp_flatten"] or not params["nuslerp_row_wise"],  # not columns
+    statistic=nuslerp_statistic,
 )
 def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
-            nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False) -> torch.Tensor:
+            nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False, stats: Dots | None = None) -> torch.Tensor:
     """SLERP between two models at t = w₂/(w₁ + w₂) (weights summing to 0 are refused).
 
     Per vector v0, v1: cos Ω = v0·v1/(‖v0‖‖v1‖) (norms below 1e-7 count as 1e-7);
@@ -82,11 +106,11 @@ def nuslerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: l
     t = weight[1] / (weight[0] + weight[1])
     dim = 0 if nuslerp_row_wise else -1
     if base is None:
-        return interpolate(t, tensors[0], tensors[1], flatten=nuslerp_flatten, dim=dim)
+        return interpolate(t, tensors[0], tensors[1], flatten=nuslerp_flatten, dim=dim, stats=stats)
     base32 = base.to(torch.float32)
     a = tensors[0].to(torch.float32) - base32
     b = tensors[1].to(torch.float32) - base32
-    out = interpolate(t, a, b, flatten=nuslerp_flatten, dim=dim)
+    out = interpolate(t, a, b, flatten=nuslerp_flatten, dim=dim, stats=stats)
     del a, b
     return out.add_(base32)
 

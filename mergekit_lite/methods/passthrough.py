@@ -18,6 +18,7 @@ from . import Param, register
     max_models=1,
     paper="https://arxiv.org/abs/2312.15166",
     workspace=lambda n: 1.0,
+    separable=True,
 )
 def passthrough(tensors: list[torch.Tensor], base: torch.Tensor | None, *, scale: list[float]) -> torch.Tensor:
     """θ = s·θ₁ for the single input (``scale`` s, default 1: the tensor itself, bit for bit)."""

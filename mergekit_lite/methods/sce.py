@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import Param, register
-from .gta import INT8_MASK, disjoint_merge, elect_sign, task_vector_into
-from .sparsify import rank_window
+from .gta import INT8_MASK, disjoint_merge, elected_sign, task_vector_into
+from .select import CUT_BYTES, rank_window
 
 
 def _topk_check(value: float) -> str | None:
@@ -27,6 +27,7 @@ def _topk_check(value: float) -> str | None:
     min_models=1,
     paper="https://arxiv.org/abs/2408.07990",
     workspace=lambda n: 7.0,
+    scratch=lambda numel: CUT_BYTES,  # the selection's histograms
 )
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float = 1.0,
         int8_mask: bool = False) -> torch.Tensor:
@@ -77,11 +78,11 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float =
     total_energy = sum(energy)
     w = [1.0 / n] * n if abs(total_energy) < 1e-6 else [e / total_energy for e in energy]
 
-    positive = elect_sign(masked(i) for i in range(n))
+    sign = elected_sign(masked(i) for i in range(n))
 
     def weighted():
         for i in range(n):
             yield masked(i).mul_(w[i]), w[i]
 
-    mixed = disjoint_merge(weighted(), positive, normalize=True, min_divisor=1e-6, scratch=True)
+    mixed = disjoint_merge(weighted(), sign, normalize=True, min_divisor=1e-6, scratch=True)
     return mixed.add_(base32)

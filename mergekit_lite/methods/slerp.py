@@ -11,7 +11,8 @@ import math
 import torch
 
 from . import Param, register
-from .spherical import combine, dots, scratch_bytes
+from .spherical import combine, scratch_bytes
+from .stats import Dots, gather
 
 DOT_THRESHOLD = 0.9995  # |cos θ| above this: (anti)colinear, interpolate linearly (mergekit's value)
 EPS = 1e-8
@@ -31,6 +32,11 @@ def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
 
 
+def slerp_statistic(params: dict, shape: tuple[int, ...]) -> Dots:
+    """θ_base·θ_base, θ₁·θ₁ and θ_base·θ₁ over the whole tensor."""
+    return Dots(lambda tensors, base: [base, tensors[0]], [(0, 0), (1, 1), (0, 1)])
+
+
 @register(
     "slerp",
     params=(Param("t", float, "global", doc="interpolation position: 0 is the base model, 1 the other model"),),
@@ -40,8 +46,10 @@ def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float
     paper="https://en.wikipedia.org/wiki/Slerp",
     workspace=lambda n: 2.0,
     scratch=scratch_bytes,
+    separable=True,
+    statistic=slerp_statistic,
 )
-def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
+def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float, stats: Dots | None = None) -> torch.Tensor:
     """SLERP from the base (t = 0) to the other model (t = 1), one angle per tensor.
 
     With v0 = θ_base, v1 = θ_other flattened, cos Ω = v0·v1 / (‖v0‖‖v1‖):
@@ -53,6 +61,6 @@ def slerp(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch
     The dot products are accumulated in float64 on the tensors' device, chunk by chunk; the
     result is formed in float32 (mergekit computes in numpy on the CPU before 0.1.5).
     """
-    v0, v1 = base, tensors[0]
-    c0, c1 = slerp_coefficients(t, *dots(v0, v1))
-    return combine(v0, c0, v1, c1)
+    stats = stats or gather(slerp_statistic({}, tuple(base.shape)), tensors, base)
+    c0, c1 = slerp_coefficients(t, stats.dot(0, 0), stats.dot(1, 1), stats.dot(0, 1))
+    return combine(base, c0, tensors[0], c1)

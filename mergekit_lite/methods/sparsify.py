@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .select import Cut, cuts_for, rank_window  # noqa: F401  (rank_window re-exported)
+
 # Random draws and per-row ranking work on blocks of about this many entries (fixed: the bits
 # drawn must depend on the tensor's shape only).
 CHUNK = 1 << 22
@@ -37,19 +39,39 @@ class Kept:
     """The surviving entries of one task vector: ``τ̂ = τ ⊙ mask · scale``.
 
     ``mask`` is a bool tensor (None: every entry); ``scale`` a number, a 0-d tensor, or a
-    per-entry float32 tensor (DELLA's 1/p_i, zero where dropped).
+    per-entry float32 tensor (DELLA's 1/p_i, zero where dropped). A top-k trim is held as
+    ``above = (v, first)`` instead of a mask: entries with |τ| > v survive, and so do those equal
+    to v from local flat index ``first`` on (ties broken by position). It is applied with float
+    operations only (a threshold and a copysign), several times faster than a bool mask on CPU.
     """
 
     mask: torch.Tensor | None = None
     scale: float | torch.Tensor = 1.0
+    above: tuple[float, int] | None = None
 
     def apply_(self, delta: torch.Tensor) -> torch.Tensor:
         """τ̂ in place of `delta` (a float32 buffer the caller owns)."""
         if self.mask is not None:
             delta.mul_(self.mask)
+        if self.above is not None:
+            _keep_above_(delta, *self.above)
         if isinstance(self.scale, torch.Tensor) or self.scale != 1.0:
             delta.mul_(self.scale)
         return delta
+
+
+def _keep_above_(delta: torch.Tensor, value: float, first: int) -> None:
+    """Zero (keeping the sign, as τ·0 does) the entries with |τ| < v, and those equal to v before
+    local flat index `first`."""
+    mag = delta.abs().reshape(-1)
+    first = max(0, min(first, mag.numel()))
+    if first:
+        torch.nn.functional.threshold_(mag[:first], value, 0.0)
+    if first < mag.numel():
+        below = float(torch.nextafter(torch.tensor(value, dtype=torch.float32),
+                                      torch.tensor(float("-inf"), dtype=torch.float32)))
+        torch.nn.functional.threshold_(mag[first:], below, 0.0)
+    torch.copysign(mag.view(delta.shape), delta, out=delta)
 
 
 def keep_count(n: int, density: float) -> int:
@@ -58,43 +80,20 @@ def keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
-def _lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the `k` lowest-ranked entries of the flat `score` (0 < k < n); among equal
-    values the earlier position ranks lower."""
-    v = torch.kthvalue(score, k).values
-    below = score < v
-    eq = score == v
-    need = k - int(below.sum())
-    n_eq = int(eq.sum())
-    if need < n_eq:  # ties straddle the boundary: take the first `need` of them
-        idx_dtype = torch.int32 if score.numel() < 2**31 else torch.int64
-        eq &= torch.cumsum(eq, 0, dtype=idx_dtype) <= need
-    return below.logical_or_(eq)
+_EPS32 = float(torch.tensor(1e-7, dtype=torch.float32))  # mergekit's guard, as a float32 compare sees it
 
 
-def rank_window(score: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
-    """Bool mask (shape of `score`) of the entries whose ascending rank r satisfies lo ≤ r < hi;
-    None when that is every entry. Ties are ranked by position."""
-    n = score.numel()
-    lo, hi = max(0, lo), min(n, hi)
-    if lo == 0 and hi == n:
-        return None
-    flat = score.reshape(-1)
-    keep = torch.ones(n, dtype=torch.bool, device=score.device)
-    if hi < n:
-        keep = _lowest(flat, hi) if hi > 0 else torch.zeros_like(keep)
-    if lo > 0:
-        keep &= ~_lowest(flat, lo)
-    return keep.view(score.shape)
-
-
-def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | float:
-    """‖τ‖₁ / ‖τ ⊙ mask‖₁ (mergekit's rescale), or 1 when either norm is below `eps`."""
-    before = delta.abs().sum()
-    after = (delta * mask).abs().sum()
-    if before < eps or after < eps:
+def l1_rescale_sums(before: float, after: float) -> float | torch.Tensor:
+    """‖τ‖₁/‖τ̂‖₁ (mergekit's rescale) from the two norms (each a float32 sum, or a float64 sum of
+    float32 partial sums), as a float32 0-d tensor; 1 when either is below 1e-7."""
+    if before < _EPS32 or after < _EPS32:
         return 1.0
-    return before / after
+    return torch.tensor(before / after, dtype=torch.float32)  # float32(a/b) even via float64
+
+
+def l1_rescale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | float:
+    """‖τ‖₁ / ‖τ ⊙ mask‖₁ (mergekit's rescale), or 1 when either norm is below 1e-7."""
+    return l1_rescale_sums(float(delta.abs().sum()), float((delta * mask).abs().sum()))
 
 
 def _scale(delta: torch.Tensor, mask: torch.Tensor, keep_fraction: float, rescale: bool,
@@ -106,18 +105,60 @@ def _scale(delta: torch.Tensor, mask: torch.Tensor, keep_fraction: float, rescal
     return Kept(mask, 1.0 / keep_fraction)
 
 
+def trim_window(n: int, density: float) -> tuple[int, int] | None:
+    """TIES: the k = max(1, ⌊density·n⌋) largest ranks; None when nothing is trimmed."""
+    if density >= 1 or n == 0:
+        return None
+    return n - keep_count(n, density), n
+
+
+def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """Breadcrumbs: ranks [n_bot, n_bot + k), n_bot = max(0, n − k − ⌊gamma·n⌋)."""
+    if density >= 1 or n == 0:
+        return None
+    k = keep_count(n, density)
+    n_bot = max(0, n - k - int(gamma * n))
+    return n_bot, n_bot + k
+
+
+def window_kept(low: Cut, high: Cut, delta: torch.Tensor, offset: int, scale: float | torch.Tensor = 1.0
+                ) -> Kept | None:
+    """The survivors of the piece `delta` (flat offset `offset`) in the rank window
+    [low.m, high.m); None when every entry survives unscaled."""
+    if high.m >= high.n:
+        if low.m <= 0:
+            return None if not isinstance(scale, torch.Tensor) and scale == 1.0 else Kept(None, scale)
+        first = low.position - offset + 1 if low.position is not None else delta.numel()
+        return Kept(None, scale, above=(low.value, first))
+    mag = delta.abs()
+    keep = high.lowest(mag, offset)
+    if low.m > 0:
+        keep &= ~low.lowest(mag, offset)
+    return Kept(keep, scale)
+
+
+def _trimmed(delta: torch.Tensor, window: tuple[int, int] | None, density: float, rescale: bool,
+             mode: str) -> Kept | None:
+    if window is None or (window[0] <= 0 and window[1] >= delta.numel()):
+        return None
+    low, high = cuts_for(delta.abs(), list(window))
+    kept = window_kept(low, high, delta, 0)
+    if not rescale:
+        return kept
+    if mode == "density":
+        return Kept(kept.mask, 1.0 / density, kept.above)
+    after = kept.apply_(delta.clone()).abs().sum()
+    kept.scale = l1_rescale_sums(float(delta.abs().sum()), float(after))
+    return kept
+
+
 def trim(delta: torch.Tensor, density: float, *, rescale: bool = False, mode: str = "l1") -> Kept | None:
     """TIES "trim": keep the k = max(1, ⌊density·n⌋) entries of largest |τ|, zero the rest.
 
     With ``rescale``, survivors are scaled by ‖τ‖₁/‖τ̂‖₁ (``mode="l1"``) or 1/density
     (``mode="density"``).
     """
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return None
-    k = keep_count(n, density)
-    mask = rank_window(delta.abs(), n - k, n)
-    return None if mask is None else _scale(delta, mask, density, rescale, mode)
+    return _trimmed(delta, trim_window(delta.numel(), density), density, rescale, mode)
 
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False,
@@ -127,13 +168,7 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale:
     n_bot = max(0, n − k − ⌊gamma·n⌋) (when outliers and density overlap, fewer outliers are
     dropped so that k entries survive, as mergekit does). At density 1 nothing is dropped.
     """
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return None
-    k = keep_count(n, density)
-    n_bot = max(0, n - k - int(gamma * n))
-    mask = rank_window(delta.abs(), n_bot, n_bot + k)
-    return None if mask is None else _scale(delta, mask, density, rescale, mode)
+    return _trimmed(delta, outlier_window(delta.numel(), density, gamma), density, rescale, mode)
 
 
 def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator,

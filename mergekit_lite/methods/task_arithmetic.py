@@ -21,6 +21,7 @@ from .gta import sum_of_weights, task_vector  # noqa: F401  (re-exported)
     base="required",
     paper="https://arxiv.org/abs/2212.04089",
     workspace=lambda n: 3.0,  # the upcast base, the task-vector buffer, the sum
+    separable=True,
 )
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],
                     lambda_: float, normalize: bool, int8_mask: bool = False) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""Exact rank selection without sorting: which entries of a score (a task vector's magnitudes) fall
+below a rank, found with a magnitude histogram refined on its boundary bin.
+
+The rank of an entry is its position in ascending order of the score, ties broken by position (the
+earlier entry ranks lower), so a selection is a function of the values alone: the same on every
+device, with every block size and in every run, and the same mask a full stable sort would give.
+
+``lowest(m)``, the entries of rank < m, is described by a :class:`Cut`: the m-th smallest value v,
+and among the entries equal to v, how many belong to the lowest m (``need``; they are the first
+``need`` equal entries in position order). It is found in two sweeps over the score, which may come
+in pieces (row blocks, tiles), in any order within a sweep:
+
+1. a histogram of the top 16 bits of the float32 score (a non-negative float's bit pattern orders
+   like the float): the bin holding rank m, and how many entries lie below that bin;
+2. a histogram of the low 16 bits of the entries in that bin: v exactly, and ``need``.
+
+Where the equal entries straddle the cut, the position of the ``need``-th one is found from the
+pieces in order (``Cut.locate``), once. Memory: two histograms per cut (768 KB), whatever the
+tensor's size; no sort, no copy of the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
+LO_BINS = 1 << 16
+CUT_BYTES = 2 * 8 * LO_BINS  # most histogram bytes one cut holds at once (a sweep's counts and their sum)
+
+
+def score_bits(score: torch.Tensor) -> torch.Tensor:
+    """The float32 score's bit patterns as int32 (monotone in the value for non-negative floats)."""
+    return score.reshape(-1).view(torch.int32)
+
+
+def _bin_of(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the entry of 0-based `rank` and the count of entries in earlier bins."""
+    cum = torch.cumsum(hist, 0)
+    b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype), right=True))
+    return b, int(cum[b - 1]) if b else 0
+
+
+@dataclass
+class Cut:
+    """lowest(m) of a score of n entries: rank < m, ties by position.
+
+    After both sweeps: ``value`` (the m-th smallest) and ``need`` (how many entries equal to it rank
+    below m). ``position`` is the flat index of the ``need``-th equal entry once located (None
+    until then): equal entries up to and including it are in lowest(m), later ones are not.
+    """
+
+    m: int
+    n: int
+    hi: torch.Tensor | None = None
+    bin: int = -1
+    below_bin: int = 0
+    lo: torch.Tensor | None = None
+    value: float = 0.0
+    need: int = 0
+    position: int | None = None
+    _seen: int = 0  # equal entries met by `locate` so far
+
+    @property
+    def trivial(self) -> bool:
+        """m = 0 (nothing is below) or m = n (everything is)."""
+        return self.m <= 0 or self.m >= self.n
+
+    def observe(self, sweep: int, score: torch.Tensor) -> None:
+        """Add a piece of the score (float32, non-negative) to sweep 0 or 1's histogram."""
+        if self.trivial or score.numel() == 0:
+            return
+        bits = score_bits(score)
+        if sweep == 0:
+            top = torch.bitwise_right_shift(bits, 16)
+            counts = torch.bincount(top, minlength=HI_BINS)
+            self.hi = counts if self.hi is None else self.hi.add_(counts)
+        else:
+            in_bin = bits[torch.bitwise_right_shift(bits, 16) == self.bin]
+            counts = torch.bincount(torch.bitwise_and(in_bin, 0xFFFF), minlength=LO_BINS)
+            self.lo = counts if self.lo is None else self.lo.add_(counts)
+
+    def end(self, sweep: int) -> None:
+        if self.trivial:
+            return
+        if sweep == 0:
+            self.bin, self.below_bin = _bin_of(self.hi.cpu(), self.m - 1)
+            self.hi = None
+        else:
+            low, below = _bin_of(self.lo.cpu(), self.m - 1 - self.below_bin)
+            self.lo = None
+            bits = torch.tensor([(self.bin << 16) | low], dtype=torch.int32)
+            self.value = float(bits.view(torch.float32))
+            self.need = self.m - self.below_bin - below
+
+    def locate(self, score: torch.Tensor, offset: int) -> None:
+        """Find ``position`` from the pieces of the score, given in order from the start."""
+        if self.trivial or self.position is not None:
+            return
+        eq = score.reshape(-1) == self.value
+        count = int(torch.count_nonzero(eq))
+        if self._seen + count >= self.need:
+            where = torch.nonzero(eq).reshape(-1)
+            self.position = offset + int(where[self.need - self._seen - 1])
+        self._seen += count
+
+    def lowest(self, score: torch.Tensor, offset: int) -> torch.Tensor:
+        """Bool mask (shape of the piece) of its entries in lowest(m); needs ``position``."""
+        if self.m <= 0:
+            return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+        if self.m >= self.n:
+            return torch.ones(score.shape, dtype=torch.bool, device=score.device)
+        flat = score.reshape(-1)
+        mask = flat < self.value
+        cut = self.position - offset + 1  # equal entries before this local index are below
+        if cut > 0:
+            head = flat[:cut]
+            mask[:cut].logical_or_(head == self.value)
+        return mask.view(score.shape)
+
+
+def cuts_for(score: torch.Tensor, ms: list[int]) -> list[Cut]:
+    """Every cut of `ms`, resolved over one whole score in memory."""
+    cuts = [Cut(m, score.numel()) for m in ms]
+    for sweep in (0, 1):
+        for c in cuts:
+            c.observe(sweep, score)
+            c.end(sweep)
+    for c in cuts:
+        c.locate(score, 0)
+    return cuts
+
+
+def rank_window(score: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
+    """Bool mask (shape of `score`) of the entries whose ascending rank r satisfies lo ≤ r < hi;
+    None when that is every entry. Ties are ranked by position."""
+    n = score.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if lo == 0 and hi == n:
+        return None
+    score = score.to(torch.float32) if score.dtype != torch.float32 else score
+    low, high = cuts_for(score, [lo, hi])
+    keep = high.lowest(score, 0)
+    if lo > 0:
+        keep &= ~low.lowest(score, 0)
+    return keep

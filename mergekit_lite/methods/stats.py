@@ -1,0 +1,93 @@
+"""Per-tensor statistics of separable methods: the few numbers over a whole tensor that a method
+needs before it can merge any piece of it (SLERP's dot products, TIES' magnitude thresholds).
+
+A method is *separable* when its result at an entry depends only on the inputs at that entry (or
+that row) and on such statistics. The engine then merges a large tensor in row blocks, and each
+block in cache-sized tiles; a method declares in its ``register(...)`` contract whether it is
+separable and which :class:`Statistic` it needs, and the engine gathers it first:
+
+- over the whole tensor at once when the tensor is merged in memory (:func:`gather`);
+- in ``sweeps`` over the tensor's blocks, in order, when the tensor is streamed (one read of the
+  inputs per sweep), then ``prepare`` on each block of the merging sweep, in order.
+
+The method then receives ``stats.at(offset)`` for the piece whose first entry has the flat index
+``offset``, and uses it instead of looking at the whole tensor. A statistic is a small object: its
+state (``state_bytes``) is held by the memory ledger between sweeps; observing a piece takes
+``gather_bytes(numel)`` transient bytes. The engine never learns what a statistic computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .spherical import CHUNK, acc_dtype
+
+
+class Statistic:
+    """What the engine calls; subclasses compute something in ``observe`` and ``end``."""
+
+    sweeps = 1
+
+    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        """Take in a piece of the inputs (the entries from flat index `offset` on)."""
+        raise NotImplementedError
+
+    def end(self, sweep: int) -> None:
+        """Every piece has been observed in this sweep."""
+
+    def prepare(self, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        """Before the piece at `offset` is merged; called for the pieces in order."""
+
+    def at(self, offset: int) -> Any:
+        """What the method receives for the piece starting at flat index `offset`."""
+        return self
+
+    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None) -> "Statistic":
+        """Every sweep over inputs held whole in memory (one piece at offset 0)."""
+        for sweep in range(self.sweeps):
+            self.observe(sweep, tensors, base, 0)
+            self.end(sweep)
+        self.prepare(tensors, base, 0)
+        return self
+
+    @property
+    def state_bytes(self) -> int:
+        return 0
+
+    def gather_bytes(self, numel: int) -> int:
+        return 0
+
+
+def gather(stat: Statistic, tensors: list[torch.Tensor], base: torch.Tensor | None) -> Statistic:
+    """`stat` over inputs held whole in memory (what a method does when called on whole tensors)."""
+    return stat.gather(tensors, base)
+
+
+class Dots(Statistic):
+    """Dot products Σ xᵢ·xⱼ of vectors formed from the inputs (``vectors(tensors, base)``), for the
+    index pairs asked, accumulated in float64 in chunks of :data:`~.spherical.CHUNK` entries (the
+    angle between two huge tensors stays exact to float32 rounding, without a float64 copy)."""
+
+    def __init__(self, vectors: Callable[[list, Any], list[torch.Tensor]], pairs: list[tuple[int, int]]):
+        self.vectors = vectors
+        self.pairs = pairs
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+
+    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        flat = [v.reshape(-1) for v in self.vectors(tensors, base)]
+        dt = acc_dtype(flat[0].device)
+        if not self.sums:
+            self.sums = {p: torch.zeros((), dtype=dt, device=flat[0].device) for p in self.pairs}
+        for start in range(0, flat[0].numel(), CHUNK):
+            chunks = [f[start:start + CHUNK].to(dt) for f in flat]
+            for i, j in self.pairs:
+                self.sums[(i, j)] = self.sums[(i, j)] + (chunks[i] * chunks[j]).sum()
+
+    def dot(self, i: int, j: int) -> float:
+        return float(self.sums[(i, j)])
+
+    def gather_bytes(self, numel: int) -> int:
+        """The float32 vectors of a piece (when formed, e.g. task vectors) and the float64 chunks."""
+        return 4 * 2 * numel + 3 * 8 * min(numel, CHUNK)
