@@ -194,10 +194,11 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats."""
+             seed: int | None = None, quiet: bool = True, block_size: str | int | None = None):
+        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats.
+        Tensors larger than `block_size` (float32 bytes, default 64 MiB) stream in row blocks."""
         options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype)
+                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, block_size=block_size)
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | None = None, device: str = "auto", max_memory: str | int | None = None,

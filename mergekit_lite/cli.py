@@ -20,6 +20,8 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="budget for tensor bytes alive at once, e.g. 8GB [auto: the largest step plus read-ahead]")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the plan's seed)")
+    p.add_argument("--block-size", default=None, metavar="SIZE",
+                   help="tensors larger than this (in float32) are merged in row blocks of this size [64MiB]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .merge import Options, compile_plan, execute
 
         options = Options(device=args.device, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype)
+                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype,
+                          block_size=args.block_size)
         compiled = compile_plan(args.plan, options)
         for w in compiled.warnings:
             print(f"mergekit-lite: warning: {w}", file=sys.stderr)
@@ -89,7 +92,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .report import plan_report
 
         print(plan_report(args.plan, device=args.device, max_memory=args.max_memory, seed=args.seed,
-                          as_json=args.json))
+                          block_size=args.block_size, as_json=args.json))
         return 0
     if args.command == "methods":
         from .report import methods_report

@@ -28,11 +28,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import tiles
+from .buffers import BufferPool
 from .errors import BudgetExceeded, MergeError
 from .graph import Compiled
 from .io.reader import TensorReader
 from .io.writer import human_size
-from .ledger import Budget, Ledger, Meter, consumers
+from .ledger import Budget, Ledger, Meter, group_view
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -128,7 +130,8 @@ def tensor_bytes(value: Any) -> int:
 
 
 class Resources:
-    """What every group shares: device, threads, reader, writers, budget, measured bytes, stats."""
+    """What every group shares: device, threads, reader, writers, budget, measured bytes, stats,
+    the buffer pool, and the values carried from one group to later ones (statistics)."""
 
     def __init__(self, device: torch.device, budget: Budget, writers: dict[str, Any], stats: Stats,
                  read_threads: int, measure: bool, on_written: Callable[[Any], None]):
@@ -140,8 +143,12 @@ class Resources:
         self.on_written = on_written
         self.meter = Meter()
         self.reader = TensorReader()
+        self.pool = BufferPool(idle_limit=budget.limit, pinned=device.type == "cuda")
+        self.carried: dict[Any, Any] = {}
         self.readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="mkl-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mkl-write")
+        self.compute = ThreadPoolExecutor(max_workers=tiles.THREADS, thread_name_prefix="mkl-tile",
+                                          initializer=torch.set_num_threads, initargs=(1,))
         self.writes: list[Future] = []
 
     def raise_write_errors(self, wait: bool = False) -> None:
@@ -153,7 +160,10 @@ class Resources:
     def close(self, failed: bool) -> None:
         self.readers.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True, cancel_futures=failed)
+        self.compute.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
+        self.carried.clear()
+        self.pool.clear()
 
 
 class GroupRun:
@@ -165,7 +175,8 @@ class GroupRun:
         self.writers = res.writers
         self.name, self.nodes = compiled.groups[index]
         self.need = compiled.needs[index]
-        self.ledger = Ledger(consumers(compiled.graph, self.nodes))
+        self.view = group_view(compiled.graph, self.nodes, compiled.order)
+        self.ledger = Ledger(self.view.consumers, self.view.carried_out)
         self.meter = Meter()
         self.futures: dict[Any, Future] = {}
         self.values: dict[Any, Any] = {}
@@ -173,16 +184,37 @@ class GroupRun:
         # the reservation is returned when every hand-off has completed and the group has run
         self.pending = sum(1 for n in self.nodes if n.holds) + 1
         self._lock = threading.Lock()
-        self.ledger.open(self.nodes)
+        self.ledger.open(self.nodes, self.view.carried_in)
         for node in self.nodes:
             node.start(self)
 
     # -- what nodes call ---------------------------------------------------------------------
+    @property
+    def measure(self) -> bool:
+        return self.res.measure
+
+    @property
+    def compute(self) -> ThreadPoolExecutor:
+        """Threads that run tiles (one torch thread each)."""
+        return self.res.compute
+
     def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        tensor = self.res.reader.read(file, offset, shape, dtype)
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.res.pool.take(n * dtype.itemsize)
+        tensor = self.res.reader.read(file, offset, shape, dtype, into=buf)
         self._alive(tensor.nbytes)
         self.res.stats.count(read=tensor.nbytes)
         return tensor
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A result buffer (pooled host memory)."""
+        return self.res.pool.empty(shape, dtype)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A result computed on the device, copied back to host memory."""
+        return tensor.to("cpu")
 
     def prefetch(self, node: Any, fn: Callable[[], Any]) -> None:
         self.futures[node] = self.res.readers.submit(fn)
@@ -213,18 +245,22 @@ class GroupRun:
         """Run the nodes in order; yields emitted results."""
         for node in self.nodes:
             self.ledger.before(node)
-            value = node.run(self, [self.values[d] for d in node.args])
+            value = node.run(self, [self.values[d] if d in self.values else self.res.carried[d] for d in node.args])
             if value is not None:
                 self.values[node] = value
                 if not node.prefetched:
                     self._alive(tensor_bytes(value))
             for dep in self.ledger.after(node):
-                self._alive(-tensor_bytes(self.values.pop(dep, None)))
+                gone = self.values.pop(dep) if dep in self.values else self.res.carried.pop(dep, None)
+                self._alive(-tensor_bytes(gone))
             while self.emitted:
                 sink, name, value, held = self.emitted.pop(0)
                 yield name, value
                 del value
                 self._done(sink, held)
+        for node in self.view.carried_out:  # values later groups consume stay alive
+            if node in self.values:
+                self.res.carried[node] = self.values[node]
         self.values.clear()
         self.res.stats.groups.append(GroupPeak(self.name, self.need, self.ledger.peak, self.meter.peak))
         self._settle()

@@ -29,12 +29,14 @@ import torch
 
 from . import methods
 from .arch import detect
+from .blocks import BLOCK_NUMEL, stream
 from .dtypes import numel
-from .errors import TensorNotFound
+from .errors import MergeError, TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
 from .io.writer import PlannedTensor, ShardLayout
 from .ledger import plan_peak
-from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
+from .compute import Merge
+from .nodes import NODE_KINDS, Emit, Load, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
 from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
@@ -156,6 +158,11 @@ class Compiled:
         return max(self.needs, default=0)
 
     @cached_property
+    def order(self) -> dict[str, int]:
+        """Group name -> its position in the execution order."""
+        return {name: i for i, (name, _) in enumerate(self.groups)}
+
+    @cached_property
     def largest_input_f32(self) -> int:
         """Bytes of the largest tensor read, in float32."""
         return max((numel(n.shape) * 4 for n in self.graph if isinstance(n, Load)), default=0)
@@ -163,11 +170,12 @@ class Compiled:
 
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
-                   max_shard_size: int = 5 * 10**9) -> Compiled:
+                   max_shard_size: int = 5 * 10**9, block_numel: int = BLOCK_NUMEL) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
-    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors."""
+    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
+    tensors with more than `block_numel` entries are streamed in row blocks (:mod:`.blocks`)."""
     compilers = _compile_steps(recipe, files, seed)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
@@ -177,19 +185,24 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
             if comp is not final and comp.plan.save:
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
-    graph, groups, needs = assemble(_decide_rounding(sinks))
+    try:
+        roots = stream(_decide_rounding(sinks), block_numel)
+    except ValueError as exc:  # a statistic over the whole model whose tensors disagree
+        raise MergeError(str(exc)) from None
+    graph, groups, needs = assemble(roots)
     specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
 
 
-def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
-    """The graph of everything `sinks` need, its groups in execution order, and each group's
-    planned peak (the ledger's dry run)."""
-    graph = _build(sinks)
-    groups = tuple(order_groups(graph, sinks))
-    return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
+def assemble(roots: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
+    """The graph of everything `roots` (sinks, statistics' sweeps) need, its groups in execution
+    order, and each group's planned peak (the ledger's dry run)."""
+    graph = _build(roots)
+    groups = tuple(order_groups(graph, roots))
+    order = {name: i for i, (name, _) in enumerate(groups)}
+    return graph, groups, tuple(plan_peak(graph, nodes, order) for _, nodes in groups)
 
 
 def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None) -> dict[str, StepCompiler]:
@@ -251,13 +264,23 @@ def _decide_rounding(sinks: list[Any]) -> list[Any]:
     def rebuild(node: Any) -> Any:
         if node not in memo:
             changes = {f.name: _rebuilt(getattr(node, f.name), rebuild) for f in dataclasses.fields(node)}
-            if (isinstance(node, Merge) and node.dtype != torch.float32 and node.dtype.is_floating_point
+            if (isinstance(node, Merge) and node.dtype.is_floating_point
                     and all(isinstance(c, (Write, Emit)) for c in consumers[node])):
-                changes["held_dtype"] = torch.float32
+                changes["held_dtype"] = _held_for_sinks(node, consumers[node])
             memo[node] = dataclasses.replace(node, **changes)
         return memo[node]
 
     return [rebuild(s) for s in sinks]
+
+
+def _held_for_sinks(node: Merge, sinks: list[Any]) -> torch.dtype:
+    """A merge run in tiles rounds each tile to its sinks' dtype (when they share one): the same
+    bits as rounding the float32 result later, without holding it in float32. Any other merge
+    consumed only by sinks is held in float32; the sinks round it chunk by chunk."""
+    dtypes = {s.dtype for s in sinks}
+    if node.tiled and len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:
+        return dtypes.pop()
+    return torch.float32 if node.dtype != torch.float32 else node.dtype
 
 
 def _rebuilt(value: Any, rebuild: Any) -> Any:
@@ -284,12 +307,13 @@ def _build(sinks: list[Any]) -> nx.DiGraph:
     return graph
 
 
-def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
-    """Execution order: groups in the order of their first sink (the output order); inside a group,
-    a depth-first post-order from its sinks, so each tensor is read just before the merge that
-    needs it and an earlier step's inputs are freed before a later step's are read."""
+def order_groups(graph: nx.DiGraph, roots: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Execution order: groups in the order of their first root (sweeps, then the output order);
+    inside a group, a depth-first post-order from its roots, so each tensor is read just before the
+    merge that needs it and an earlier step's inputs are freed before a later step's are read.
+    Values of other (earlier) groups are carried in, not visited."""
     by_group: dict[str, list[Any]] = {}
-    for s in sinks:
+    for s in roots:
         by_group.setdefault(s.group, []).append(s)
     groups = []
     for group, group_sinks in by_group.items():
@@ -297,7 +321,7 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
         seen: set[Any] = set()
 
         def visit(node: Any) -> None:
-            if node not in seen:
+            if node not in seen and node.group == group:
                 seen.add(node)
                 for dep in node.args:
                     visit(dep)
@@ -320,11 +344,14 @@ def describe(compiled: Compiled) -> dict[str, Any]:
     g = compiled.graph
     kinds = {name: [n for n in g if type(n) is cls] for name, cls in NODE_KINDS.items()}
     sinks = kinds["Write"] + kinds["Emit"]
-    per_tensor = [len(n.args) for n in kinds["Merge"]]
+    merges = {(m.step, m.tensor, m.group.split("#")[0]): m for m in kinds["Merge"]}  # blocks counted once
+    per_tensor = [len(n.inputs) + (n.base is not None) for n in merges.values()]
     return {
-        "output_tensors": len([w for w in sinks if getattr(w, "output", "") == ""]),
+        "output_tensors": len([w for w in sinks if getattr(w, "output", "") == "" and getattr(w, "last", True)]),
         "loads": len(kinds["Load"]),
-        "merges": len(kinds["Merge"]),
+        "merges": len(merges),
+        "blocks": len(compiled.groups),
+        "statistic_sweeps": len(kinds["Observe"]),
         "bytes_read": sum(n.nbytes for n in kinds["Load"]),
         "bytes_written": sum(w.nbytes for w in sinks),
         "max_inputs_per_tensor": max(per_tensor, default=0),

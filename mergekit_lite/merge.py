@@ -17,6 +17,7 @@ import torch
 from .dtypes import parse_dtype
 from .errors import MergeError
 from .executor import Executor, Stats, auto_budget
+from .blocks import BLOCK_NUMEL
 from .graph import Compiled, OutputSpec, compile_recipe
 from .io.inputs import open_inputs
 from .io.output import copy_tokenizer, write_card, write_config
@@ -39,6 +40,7 @@ class Options:
     seed: int | None = None
     dtype: str | None = None  # override of the written dtype
     read_threads: int = 2
+    block_size: str | int | None = None  # float32 bytes of a row block's largest value (None: 64 MiB)
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -56,6 +58,18 @@ class Options:
         if size <= 0:
             raise MergeError("--max-shard-size must be positive")
         return size
+
+    def block_numel(self) -> int:
+        """Entries of a row block's largest value: tensors larger than this stream in row blocks."""
+        if self.block_size is None:
+            return BLOCK_NUMEL
+        try:
+            size = parse_size(self.block_size)
+        except ValueError as exc:
+            raise MergeError(f"--block-size: {exc}") from None
+        if size < 4:
+            raise MergeError("--block-size must be at least one float32 entry (4 bytes)")
+        return size // 4
 
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is None:
@@ -85,14 +99,14 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
-                          max_shard_size=options.shard_size())
+                          max_shard_size=options.shard_size(), block_numel=options.block_numel())
 
 
 def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
     """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`.
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
-    ``overwrite``, ``quiet``, ``seed``, ``dtype``). Returns the run's :class:`Stats`.
+    ``overwrite``, ``quiet``, ``seed``, ``dtype``, ``block_size``). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)

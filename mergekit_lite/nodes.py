@@ -10,7 +10,11 @@ A node is a small frozen record. Its kind (its class) says, in one place:
   the writer thread holds the tensor until it is on disk);
 - ``start(ctx)``: called when its group is admitted (a :class:`Load` submits its read then);
   ``prefetched`` kinds hold their value from then on, not only once they have run;
-- ``run(ctx, args)``: produce the value from the input values.
+- ``run(ctx, args)``: produce the value from the input values;
+- ``rows`` and ``block(first, stop, args, group)``: the leading dimension along which the node can
+  run on row blocks (None: it cannot), and the same node restricted to rows [first, stop) over
+  args so restricted (first None: the same rows, other args). The compiler streams a large tensor
+  in row blocks when every node of its group can (:mod:`mergekit_lite.blocks`).
 
 The memory ledger (:mod:`mergekit_lite.ledger`) and the executor (:mod:`mergekit_lite.executor`)
 only use these members, never a node's class: a new kind of work (a LoRA fold, an SVD with two
@@ -22,15 +26,14 @@ when only sinks consume it (they round it themselves, chunk by chunk), else the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 
-from . import methods
 from .dtypes import element_size, numel
-from .errors import MergeError
 
 NODE_KINDS: dict[str, type] = {}
 
@@ -80,6 +83,18 @@ class NodeBase:
 
     def start(self, ctx: Any) -> None:
         pass
+
+    @property
+    def rows(self) -> int | None:
+        return None
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "NodeBase":
+        raise TypeError(f"{type(self).__name__} nodes do not run on row blocks")
+
+
+def row_count(shape: tuple[int, ...]) -> int | None:
+    """Rows of a tensor that can be cut along dimension 0 (two or more dimensions), else None."""
+    return shape[0] if len(shape) >= 2 else None
 
 
 def stable_seed(*parts: object) -> int:
@@ -131,78 +146,21 @@ class Load(NodeBase):
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         return ctx.fetched(self)
 
+    @property
+    def rows(self) -> int | None:
+        return row_count(self.shape)
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Load":
+        """Rows [first, stop) are contiguous bytes of the file: a read of its own."""
+        if first is None:
+            return dataclasses.replace(self, group=group)
+        row_bytes = numel(self.shape[1:]) * element_size(self.dtype)
+        return dataclasses.replace(self, group=group, shape=(stop - first,) + self.shape[1:],
+                                   offset=self.offset + first * row_bytes)
+
 
 # ------------------------------------------------------------------------------------------------
-# computation
-
-
-@node_kind
-@dataclass(frozen=True)
-class Merge(NodeBase):
-    """Calls a registered merge method on its input values; the float32 result is rounded to
-    ``dtype`` here, or held in float32 (``held_dtype``) for sinks that round it themselves."""
-
-    method: str
-    step: str
-    tensor: str  # output tensor name within its step
-    group: str
-    inputs: tuple[Any, ...]  # the method's tensors
-    base: Any  # the base model's node, or None
-    params: tuple[tuple[str, Any], ...]
-    model_params: tuple[tuple[str, tuple[Any, ...]], ...]
-    seeds: tuple[int, ...] | None
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # the step's output dtype
-    held_dtype: torch.dtype  # what the value is kept as: dtype, or float32 when only sinks consume it
-
-    @property
-    def args(self) -> tuple:
-        return self.inputs + ((self.base,) if self.base is not None else ())
-
-    @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, self.held_dtype),)
-
-    @property
-    def nbytes(self) -> int:
-        return numel(self.shape) * element_size(self.dtype)
-
-    @property
-    def workspace_bytes(self) -> int:
-        """The method's float32 temporaries (its result included), and the rounded copy."""
-        work = methods.get(self.method).workspace_bytes(len(self.args), numel(self.shape))
-        return work + (self.nbytes if self.held_dtype != torch.float32 else 0)
-
-    def run(self, ctx: Any, args: list) -> torch.Tensor:
-        method = methods.get(self.method)
-        moved = [a.to(ctx.device, non_blocking=True) for a in args]
-        base = moved.pop() if self.base is not None else None
-        kwargs: dict[str, Any] = {method.param(name).pyname: value for name, value in self.params}
-        kwargs.update((method.param(name).pyname, list(vals)) for name, vals in self.model_params)
-        if method.random:
-            kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
-        with ctx.measuring():
-            result = self._call(method.fn, moved, base, kwargs)
-            del moved, base
-            out = result if self.held_dtype == torch.float32 else result.to(self.held_dtype)
-            del result
-        return out.to("cpu") if out.device.type != "cpu" else out
-
-    def _call(self, fn: Callable[..., torch.Tensor], tensors: list, base: Any, kwargs: dict) -> torch.Tensor:
-        try:
-            result = fn(tensors, base, **kwargs)
-        except MergeError:
-            raise
-        except (ValueError, RuntimeError) as exc:
-            where = f" (step '{self.step}')" if self.step else ""
-            raise MergeError(f"merging tensor {self.tensor}{where} with '{self.method}' failed: {exc}") from exc
-        if tuple(result.shape) != self.shape:
-            raise RuntimeError(f"method {self.method} returned shape {tuple(result.shape)} for {self.tensor}, "
-                               f"expected {self.shape}")
-        if not all_finite(result):
-            raise MergeError(f"merging tensor {self.tensor} with '{self.method}' produced inf or NaN; "
-                             "check the inputs and the parameters for this tensor")
-        return result
+# selection
 
 
 @node_kind
@@ -263,13 +221,25 @@ class Write(_Sink):
     value: Any
     dtype: torch.dtype
     group: str
+    first_row: int = 0  # a row block of the tensor, from this row
+    last: bool = True  # the tensor's last block
 
     @property
     def outputs(self) -> tuple[Spec, ...]:
         return ()
 
+    @property
+    def rows(self) -> int | None:
+        return self.value.rows
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Write":
+        if first is None:
+            return dataclasses.replace(self, value=args[0], group=group)
+        return dataclasses.replace(self, value=args[0], group=group, first_row=self.first_row + first,
+                                   last=stop == self.value.rows)
+
     def run(self, ctx: Any, args: list) -> None:
-        ctx.hand_off(self, lambda: ctx.writers[self.output].write(self.tensor, args[0]))
+        ctx.hand_off(self, lambda: ctx.writers[self.output].write(self.tensor, args[0], self.first_row))
 
 
 @node_kind
@@ -291,6 +261,6 @@ class Emit(_Sink):
         ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))
 
 
-Node = Union[Load, Merge, Pick]
+Node = Union[Load, Pick]  # and the computing kinds of :mod:`mergekit_lite.compute`
 Sink = Union[Write, Emit]
 SINK_KINDS = (Write, Emit)

@@ -10,8 +10,9 @@ from .io.writer import human_size
 from .merge import Options, compile_plan
 
 
-def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False) -> str:
-    options = Options(device=device, max_memory=max_memory, seed=seed)
+def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False,
+                block_size=None) -> str:
+    options = Options(device=device, max_memory=max_memory, seed=seed, block_size=block_size)
     compiled = compile_plan(plan_path, options)
     info = describe(compiled)
     budget = options.budget(compiled)
@@ -45,7 +46,8 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     lines += [
         f"output tensors: {info['output_tensors']}",
         f"inputs per merged tensor: {ins}",
-        f"tensor reads: {info['loads']} ({human_size(info['bytes_read'])})",
+        f"tensor reads: {info['loads']} ({human_size(info['bytes_read'])})"
+        + (f", in {info['blocks']} row blocks and statistic sweeps" if info["blocks"] > info["output_tensors"] else ""),
         f"bytes written: {human_size(info['bytes_written'])}",
         f"largest single step needs: {human_size(info['peak_step_bytes'])}",
         f"memory budget: {human_size(budget)}{' (auto)' if max_memory in (None, 'auto') else ''}",

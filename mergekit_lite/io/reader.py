@@ -169,10 +169,12 @@ class TensorReader:
                 os.close(self._fds.popitem(last=False)[1])
             return fd
 
-    def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The tensor of `shape` and `dtype` whose bytes start at `offset` in `file`."""
+    def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype,
+             into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor of `shape` and `dtype` whose bytes start at `offset` in `file`, read into the
+        uint8 buffer `into` when given (a pooled buffer of exactly the tensor's bytes)."""
         nbytes = numel(shape) * element_size(dtype)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if into is None else into
         if nbytes:
             view = memoryview(buf.numpy())
             fd = self._fd(file)

@@ -2,17 +2,22 @@
 
 The shard layout (which tensor goes in which file, at which offset) is fixed before any tensor is
 computed, from the planned shapes and dtypes; each shard's header is written up front and tensors
-are written at their offsets as they arrive, in any order. Nothing is buffered: a tensor's bytes
-go to disk as soon as it is computed. Everything is written into a temporary folder next to the
-output, which is renamed into place only when the whole merge succeeded.
+(or row blocks of them) are written at their offsets as they arrive, in any order. Nothing is
+buffered, and the kernel is asked to start writing each range to disk at once
+(``sync_file_range``): otherwise dirty pages wait for the final fsync (a 1.3 GB output stays below
+the usual 10% dirty-memory threshold), which would then take as long as the whole disk write, after
+the merge instead of during it. Everything is written into a temporary folder next to the output,
+which is renamed into place only when the whole merge succeeded.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -105,6 +110,21 @@ class ShardLayout:
                 "weight_map": {t.name: s.file for s in self.shards for t in s.tensors}}
 
 
+def _start_writeback() -> object:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` where the C library has it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_WRITEBACK = _start_writeback()
+
+
 class ShardedWriter:
     """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets."""
 
@@ -112,7 +132,8 @@ class ShardedWriter:
         self.folder = folder
         self.layout = layout
         self._fds: dict[str, int] = {}
-        self._written: set[str] = set()
+        self._written: dict[str, int] = {}  # tensor -> rows written
+        self._blocks: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
         for shard in layout.shards:
@@ -121,18 +142,30 @@ class ShardedWriter:
             os.ftruncate(fd, len(shard.header) + shard.data_size)
             self._fds[shard.file] = fd
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` at its planned place. A tensor in another dtype than planned (a float32
-        result) is rounded chunk by chunk through a small reused buffer, never copied whole."""
-        shard, offset, planned = self.layout.where[name]
-        if tuple(tensor.shape) != planned.shape or (tensor.dtype != planned.dtype and not (
+    def _rows(self, name: str, tensor: torch.Tensor, first_row: int, planned: PlannedTensor) -> int:
+        """Rows of `tensor` (a row block from `first_row`, or the whole tensor); checks its place."""
+        whole = first_row == 0 and tuple(tensor.shape) == planned.shape
+        fits = (len(planned.shape) >= 2 and tuple(tensor.shape[1:]) == planned.shape[1:]
+                and first_row + tensor.shape[0] <= planned.shape[0])
+        if not (whole or fits) or (tensor.dtype != planned.dtype and not (
                 tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
-                               f"got {tuple(tensor.shape)} {tensor.dtype}")
+                               f"got {tuple(tensor.shape)} {tensor.dtype} at row {first_row}")
+        rows = tensor.shape[0] if len(planned.shape) >= 2 else 1
         with self._lock:
-            if name in self._written:
+            if (name, first_row) in self._blocks:
                 raise RuntimeError(f"tensor {name} written twice")
-            self._written.add(name)
+            self._blocks.add((name, first_row))
+            self._written[name] = self._written.get(name, 0) + rows
+        return rows
+
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write `tensor` (or rows of it from `first_row`) at its planned place. A tensor in another
+        dtype than planned (a float32 result) is rounded chunk by chunk through a small reused
+        buffer, never copied whole."""
+        shard, offset, planned = self.layout.where[name]
+        self._rows(name, tensor, first_row, planned)
+        offset += first_row * (planned.nbytes // max(1, planned.shape[0])) if len(planned.shape) >= 2 else 0
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.to("cpu", dtype=planned.dtype)
@@ -141,6 +174,7 @@ class ShardedWriter:
         if tensor.dtype == planned.dtype:
             if tensor.numel():
                 _pwrite_all(fd, tensor.view(torch.uint8).numpy(), offset)
+                self._writeback(fd, offset, tensor.numel() * tensor.element_size())
             return
         scratch = self._scratch.get(planned.dtype)
         if scratch is None:
@@ -151,10 +185,18 @@ class ShardedWriter:
             out = scratch[:chunk.numel()]
             out.copy_(chunk)
             _pwrite_all(fd, out.view(torch.uint8).numpy(), offset + start * itemsize)
+        self._writeback(fd, offset, tensor.numel() * itemsize)
+
+    @staticmethod
+    def _writeback(fd: int, offset: int, nbytes: int) -> None:
+        """Start writing this range to disk now (asynchronously); the final fsync waits for it."""
+        if _WRITEBACK is not None and nbytes >= (1 << 20):
+            _WRITEBACK(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
 
     def finish(self) -> dict:
         """Check every tensor was written, flush to disk, write the index; returns the index."""
-        missing = [t.name for s in self.layout.shards for t in s.tensors if t.name not in self._written]
+        missing = [t.name for s in self.layout.shards for t in s.tensors
+                   if self._written.get(t.name, 0) < (t.shape[0] if len(t.shape) >= 2 else 1)]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
         for fd in self._fds.values():

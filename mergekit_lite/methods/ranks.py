@@ -19,7 +19,7 @@ import torch
 
 from .select import Cut
 from .sparsify import Kept, l1_rescale_sums, window_kept
-from .stats import Statistic
+from .stats import Statistic, fold
 
 def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, wanted: list[bool]
                   ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -29,6 +29,12 @@ def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, wanted: list[
         if wanted[i]:
             buf = torch.empty_like(base32) if buf is None else buf
             yield i, buf.copy_(t).sub_(base32)
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums in float64 (a 1-D tensor is one row), on the CPU."""
+    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    return rows.sum(dim=1, dtype=torch.float64).cpu()
 
 
 class _Trim(Statistic):
@@ -82,7 +88,7 @@ class TensorTrim(_Trim):
         self.mode = scale  # None, "density" or "l1"
         self.densities = densities
         self.sweeps = 3 if scale == "l1" else 2
-        self.norms = [[0.0, 0.0] for _ in windows]
+        self.norms = [[torch.zeros((), dtype=torch.float64)] * 2 for _ in windows]
 
     def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
         for i, tau in _task_vectors(tensors, base, self._wanted()):
@@ -93,9 +99,9 @@ class TensorTrim(_Trim):
                 continue
             for cut in self.cuts[i]:
                 cut.locate(mag, offset)
-            self.norms[i][0] += float(mag.sum())
+            self.norms[i][0] = fold(self.norms[i][0], _row_sums(mag))
             kept = window_kept(*self.cuts[i], tau, offset)
-            self.norms[i][1] += float((kept.apply_(tau) if kept else tau).abs().sum())
+            self.norms[i][1] = fold(self.norms[i][1], _row_sums((kept.apply_(tau) if kept else tau).abs_()))
 
     def _unlocated(self) -> list[bool]:
         return [w and any(not c.trivial and c.position is None for c in self.cuts[i])
@@ -112,7 +118,7 @@ class TensorTrim(_Trim):
         if self.mode == "density":
             return 1.0 / self.densities[i]
         if self.mode == "l1":
-            return l1_rescale_sums(*self.norms[i])
+            return l1_rescale_sums(*(float(x) for x in self.norms[i]))
         return 1.0
 
     def kept(self, i: int, delta: torch.Tensor, offset: int) -> Kept | None:

@@ -106,14 +106,16 @@ class Cut:
         self._seen += count
 
     def lowest(self, score: torch.Tensor, offset: int) -> torch.Tensor:
-        """Bool mask (shape of the piece) of its entries in lowest(m); needs ``position``."""
+        """Bool mask (shape of the piece) of its entries in lowest(m). Pieces are located in order
+        before they are asked about, so a ``position`` not found yet lies after this piece: all of
+        its equal entries are below."""
         if self.m <= 0:
             return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
         if self.m >= self.n:
             return torch.ones(score.shape, dtype=torch.bool, device=score.device)
         flat = score.reshape(-1)
         mask = flat < self.value
-        cut = self.position - offset + 1  # equal entries before this local index are below
+        cut = flat.numel() if self.position is None else self.position - offset + 1  # equal entries before it are below
         if cut > 0:
             head = flat[:cut]
             mask[:cut].logical_or_(head == self.value)

@@ -84,8 +84,9 @@ _EPS32 = float(torch.tensor(1e-7, dtype=torch.float32))  # mergekit's guard, as 
 
 
 def l1_rescale_sums(before: float, after: float) -> float | torch.Tensor:
-    """‖τ‖₁/‖τ̂‖₁ (mergekit's rescale) from the two norms (each a float32 sum, or a float64 sum of
-    float32 partial sums), as a float32 0-d tensor; 1 when either is below 1e-7."""
+    """‖τ‖₁/‖τ̂‖₁ (mergekit's rescale) from the two norms, as a float32 0-d tensor (the float32
+    quotient of float32 sums: float64 division rounded once more is the same); 1 when either is
+    below 1e-7."""
     if before < _EPS32 or after < _EPS32:
         return 1.0
     return torch.tensor(before / after, dtype=torch.float32)  # float32(a/b) even via float64

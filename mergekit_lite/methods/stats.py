@@ -65,10 +65,18 @@ def gather(stat: Statistic, tensors: list[torch.Tensor], base: torch.Tensor | No
     return stat.gather(tensors, base)
 
 
+def fold(total: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """total + parts[0] + parts[1] + … added one after another (a float64 cumulative sum is
+    sequential), so a sum over a tensor's rows does not depend on how the rows were grouped."""
+    return torch.cat([total.reshape(1), parts]).cumsum(0)[-1]
+
+
 class Dots(Statistic):
     """Dot products Σ xᵢ·xⱼ of vectors formed from the inputs (``vectors(tensors, base)``), for the
-    index pairs asked, accumulated in float64 in chunks of :data:`~.spherical.CHUNK` entries (the
-    angle between two huge tensors stays exact to float32 rounding, without a float64 copy)."""
+    index pairs asked, in float64: each row's products summed (exact products, one row at a time,
+    at most :data:`~.spherical.CHUNK` entries in float64 at once), then the row sums added in row
+    order. The angle between two huge tensors stays exact to float32 rounding, and the sums are the
+    same bits whether the tensor is observed whole, in row blocks or in tiles."""
 
     def __init__(self, vectors: Callable[[list, Any], list[torch.Tensor]], pairs: list[tuple[int, int]]):
         self.vectors = vectors
@@ -76,14 +84,16 @@ class Dots(Statistic):
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
 
     def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        flat = [v.reshape(-1) for v in self.vectors(tensors, base)]
-        dt = acc_dtype(flat[0].device)
+        vecs = self.vectors(tensors, base)
+        rows = [v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1) for v in vecs]
+        dt = acc_dtype(rows[0].device)
         if not self.sums:
-            self.sums = {p: torch.zeros((), dtype=dt, device=flat[0].device) for p in self.pairs}
-        for start in range(0, flat[0].numel(), CHUNK):
-            chunks = [f[start:start + CHUNK].to(dt) for f in flat]
+            self.sums = {p: torch.zeros((), dtype=dt, device=rows[0].device) for p in self.pairs}
+        step = max(1, CHUNK // max(1, rows[0].shape[1]))
+        for start in range(0, rows[0].shape[0], step):
+            chunks = [r[start:start + step].to(dt) for r in rows]
             for i, j in self.pairs:
-                self.sums[(i, j)] = self.sums[(i, j)] + (chunks[i] * chunks[j]).sum()
+                self.sums[(i, j)] = fold(self.sums[(i, j)], (chunks[i] * chunks[j]).sum(dim=1))
 
     def dot(self, i: int, j: int) -> float:
         return float(self.sums[(i, j)])
