@@ -104,7 +104,7 @@ class Merge(NodeBase):
         tile = min(numel(self.shape), tiles.tile_numel(self.shape))
         held = numel(self.shape) * element_size(self.held_dtype)
         stat = None if self.stats else self.statistic()
-        gathering = stat.state_bytes + stat.gather_bytes(tile) if stat else 0
+        gathering = stat.state_bytes + tiles.THREADS * stat.gather_bytes(tile, numel(self.shape)) if stat else 0
         return tiles.THREADS * method.workspace_bytes(n, tile) + held + gathering
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
@@ -134,8 +134,10 @@ class Merge(NodeBase):
         row = numel(self.shape[1:])
         out = ctx.empty(self.shape, self.held_dtype)
         with ctx.measuring():
-            stats = stats or _gathered(ctx, self.statistic(), args, base, self.shape)
-            if stats is not None:
+            if stats is None and (stat := self.statistic()) is not None:
+                pool = None if ctx.measure else ctx.compute
+                stats = stat.gather(args, base, tiles.tile_ranges(self.shape), pool)
+            elif stats is not None:
                 tiles.for_tiles(ctx, self.shape, lambda a, b: stats.prepare(
                     [tiles.rows(t, a, b) for t in args], tiles.rows(base, a, b), (self.first_row + a) * row),
                     ordered=True)
@@ -167,18 +169,6 @@ class Merge(NodeBase):
         return result
 
 
-def _gathered(ctx: Any, stat: Any, tensors: list, base: Any, shape: tuple[int, ...]) -> Any:
-    """`stat` gathered over a whole tensor held in memory, tile by tile, in order."""
-    if stat is None:
-        return None
-    row = numel(shape[1:])
-    for sweep in range(stat.sweeps):
-        tiles.for_tiles(ctx, shape, lambda a, b: stat.observe(
-            sweep, [tiles.rows(t, a, b) for t in tensors], tiles.rows(base, a, b), a * row), ordered=True)
-        stat.end(sweep)
-    return stat
-
-
 @dataclass(frozen=True, eq=False)
 class StatSource:
     """What creates the statistic that :class:`Observe` nodes gather: the whole-tensor merges it is
@@ -194,8 +184,8 @@ class StatSource:
     def state_bytes(self) -> int:
         return self.create().state_bytes
 
-    def gather_bytes(self, numel_: int) -> int:
-        return self.merges[0].statistic().gather_bytes(numel_)
+    def gather_bytes(self, piece: int, whole: int) -> int:
+        return self.merges[0].statistic().gather_bytes(piece, whole)
 
 
 @node_kind
@@ -224,7 +214,8 @@ class Observe(NodeBase):
     def workspace_bytes(self) -> int:
         shape = self.merge.shape
         tile = numel(shape) if row_count(shape) is None else tiles.tile_numel(shape)
-        return self.source.gather_bytes(tile) + (0 if self.previous is not None else self.source.state_bytes)
+        whole = numel(self.merge.whole_shape or shape)
+        return self.source.gather_bytes(tile, whole) + (0 if self.previous is not None else self.source.state_bytes)
 
     def run(self, ctx: Any, args: list) -> Any:
         stat = args.pop() if self.previous is not None else self.source.create()

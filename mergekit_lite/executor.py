@@ -52,17 +52,20 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def limit_allocator_caching() -> None:
-    """Ask glibc to return freed tensor memory to the OS at once (M_MMAP_THRESHOLD = 1 MiB).
+    """Fix glibc's mmap threshold at 16 MiB, and trim its heaps beyond 32 MiB free.
 
-    Without it glibc raises its mmap threshold after the first large free and keeps later
-    tensor-sized blocks in the heap, so RSS grows with model size instead of tensor size.
+    Tile temporaries (about 1 MiB each, :mod:`.tiles`) then come from the heap and are reused
+    tile after tile, without a page fault; anything larger is mapped and unmapped with its tensor
+    (block buffers live in the buffer pool, :mod:`.buffers`). Without a fixed threshold glibc raises
+    it after the first large free and keeps later tensor-sized blocks in the heap, so RSS would
+    grow with model size instead of block size.
     """
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 

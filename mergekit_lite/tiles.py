@@ -46,17 +46,21 @@ def rows(tensor: torch.Tensor | None, first: int, stop: int) -> torch.Tensor | N
 
 
 def for_tiles(ctx: Any, shape: tuple[int, ...], run: Callable[[int, int], None], ordered: bool = False) -> None:
-    """``run(first, stop)`` for every tile of a block of `shape`: in order on this thread when
-    `ordered` (or when the run measures allocations, which only this thread's probe sees), else
-    on the compute threads."""
+    """``run(first, stop)`` for every tile of a block of `shape`, on the compute threads: one after
+    the other on one thread when `ordered`, else spread over them. Each compute thread runs torch
+    single-threaded: small operations split across threads wait at a barrier each, which costs more
+    than the operation when the machine is busy. A run that measures allocations stays on this
+    thread (the allocation probe sees only its own thread)."""
     ranges = tile_ranges(shape)
     pool = getattr(ctx, "compute", None)
-    if ordered or pool is None or len(ranges) == 1 or getattr(ctx, "measure", False):
+    if pool is None or getattr(ctx, "measure", False):
         for first, stop in ranges:
             run(first, stop)
-        return
-    for future in [pool.submit(run, first, stop) for first, stop in ranges]:
-        future.result()
+    elif ordered or len(ranges) == 1:
+        pool.submit(lambda: [run(first, stop) for first, stop in ranges]).result()
+    else:
+        for future in [pool.submit(run, first, stop) for first, stop in ranges]:
+            future.result()
 
 
 THREADS = 2  # compute threads running tiles (the memory ledger plans for each holding one tile)

@@ -9,26 +9,31 @@ broken by position). The two rank cuts are found by selection (:mod:`.select`), 
   task vector over every tensor of the step: v = the k-th smallest |τ| with
   k = N − ⌊density·N⌋ over all N entries, and every entry with |τ| ≥ v survives (ties at v too, as
   in the reference). Two sweeps over the whole model, then the merge; memory is the histograms.
+
+Models are independent: a tensor held in memory resolves each model's cuts on its own (in
+parallel on the engine's compute threads), from a sample of its |τ| and one counting pass.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from .select import Cut
+from .select import SAMPLE, Cut, memory_bytes, resolve_in_memory
 from .sparsify import Kept, l1_rescale_sums, window_kept
-from .stats import Statistic, fold
+from .stats import Statistic, _pieces, fold
 
-def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, wanted: list[bool]
+
+
+def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, wanted: Iterable[int]
                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(i, τ_i) in float32 for the models wanted (one buffer, reused: valid until the next)."""
     base32 = base.to(torch.float32)
     buf = None
-    for i, t in enumerate(tensors):
-        if wanted[i]:
-            buf = torch.empty_like(base32) if buf is None else buf
-            yield i, buf.copy_(t).sub_(base32)
+    for i in wanted:
+        buf = torch.empty_like(base32) if buf is None else buf
+        yield i, buf.copy_(tensors[i]).sub_(base32)
 
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -37,26 +42,65 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
     return rows.sum(dim=1, dtype=torch.float64).cpu()
 
 
+def _sample(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|τ| over rows spread evenly through the tensor (about SAMPLE entries), float32."""
+    if tensor.dim() < 2 or tensor.numel() <= SAMPLE:
+        return (tensor.to(torch.float32) - base.to(torch.float32)).abs_().reshape(-1)
+    step = max(1, tensor.shape[0] * (tensor.numel() // tensor.shape[0]) // SAMPLE)
+    return (tensor[::step].to(torch.float32) - base[::step].to(torch.float32)).abs_().reshape(-1)
+
+
 class _Trim(Statistic):
     """Cuts per model (a tuple of :class:`Cut`, or None for a model that is not trimmed)."""
 
     cuts: list[tuple[Cut, ...] | None]
-    only: int | None = None  # while gathering one model at a time
+    sweeps = 2
 
-    def _wanted(self) -> list[bool]:
-        return [c is not None and self.only in (None, i) for i, c in enumerate(self.cuts)]
+    def models(self) -> list[int]:
+        return [i for i, c in enumerate(self.cuts) if c is not None]
 
-    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None) -> "_Trim":
-        """Over whole tensors, one model after the other: one model's histograms alive at a time."""
-        for self.only in range(len(self.cuts)):
-            Statistic.gather(self, tensors, base)
-        self.only = None
+    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        self.observe_models(sweep, tensors, base, offset, self.models())
+
+    def observe_models(self, sweep: int, tensors: list, base: torch.Tensor, offset: int, models: list[int]) -> None:
+        for i, tau in _task_vectors(tensors, base, models):
+            mag = tau.abs_()
+            for cut in self.cuts[i]:
+                cut.observe(sweep, mag)
+
+    def end(self, sweep: int, models: list[int] | None = None) -> None:
+        for i in self.models() if models is None else models:
+            for cut in self.cuts[i] if sweep < 2 else ():
+                cut.end(sweep)
+
+    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list | None = None,
+               pool: Any = None) -> "_Trim":
+        """Over tensors in memory, model by model (on `pool`'s threads when given)."""
+        pieces = pieces or [(None, None)]
+        work = [(i, tensors, base, pieces) for i in self.models()]
+        list(pool.map(lambda w: self.gather_model(*w), work)) if pool is not None else [self.gather_model(*w)
+                                                                                         for w in work]
         return self
 
-    def end(self, sweep: int) -> None:
-        for i, cuts in enumerate(self.cuts):
-            for cut in cuts if self._wanted()[i] and sweep < 2 else ():
-                cut.end(sweep)
+    def gather_model(self, i: int, tensors: list, base: torch.Tensor, pieces: list) -> None:
+        """Model i's cuts over inputs in memory: the sweeps, then the positions."""
+        for sweep in range(self.sweeps):
+            for _, _, ins, b, offset in _pieces(tensors, base, pieces):
+                self.observe_models(sweep, ins, b, offset, [i])
+            self.end(sweep, [i])
+        for _, _, ins, b, offset in _pieces(tensors, base, pieces):
+            self.prepare_models(ins, b, offset, [i])
+
+    def prepare_models(self, tensors: list, base: torch.Tensor, offset: int, models: list[int]) -> None:
+        """Locate the cuts' positions (pieces come in order); a no-op once they are known."""
+        todo = [i for i in models if any(not c.trivial and c.position is None for c in self.cuts[i])]
+        for i, tau in _task_vectors(tensors, base, todo):
+            mag = tau.abs_()
+            for cut in self.cuts[i]:
+                cut.locate(mag, offset)
+
+    def prepare(self, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        self.prepare_models(tensors, base, offset, self.models())
 
     def at(self, offset: int) -> "_At":
         return _At(self, offset)
@@ -65,8 +109,9 @@ class _Trim(Statistic):
     def state_bytes(self) -> int:
         return 3 * 8 * (1 << 15) * sum(len(c) for c in self.cuts if c)  # a cut's histograms
 
-    def gather_bytes(self, numel: int) -> int:
-        return 4 * 4 * numel  # the upcast base, a task vector, its magnitudes, masks
+    def gather_bytes(self, piece: int, whole: int) -> int:
+        """A task vector and its magnitudes per piece, the sample and kept entries of each cut."""
+        return 3 * 4 * piece + 2 * memory_bytes(whole) + 3 * 8 * (1 << 16)
 
 
 class _At:
@@ -90,29 +135,29 @@ class TensorTrim(_Trim):
         self.sweeps = 3 if scale == "l1" else 2
         self.norms = [[torch.zeros((), dtype=torch.float64)] * 2 for _ in windows]
 
-    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        for i, tau in _task_vectors(tensors, base, self._wanted()):
+    def observe_models(self, sweep: int, tensors: list, base: torch.Tensor, offset: int, models: list[int]) -> None:
+        if sweep < 2:
+            return super().observe_models(sweep, tensors, base, offset, models)
+        for i, tau in _task_vectors(tensors, base, models):
             mag = tau.abs()
-            if sweep < 2:
-                for cut in self.cuts[i]:
-                    cut.observe(sweep, mag)
-                continue
             for cut in self.cuts[i]:
                 cut.locate(mag, offset)
             self.norms[i][0] = fold(self.norms[i][0], _row_sums(mag))
             kept = window_kept(*self.cuts[i], tau, offset)
             self.norms[i][1] = fold(self.norms[i][1], _row_sums((kept.apply_(tau) if kept else tau).abs_()))
 
-    def _unlocated(self) -> list[bool]:
-        return [w and any(not c.trivial and c.position is None for c in self.cuts[i])
-                for i, w in enumerate(self._wanted())]
+    def gather_model(self, i: int, tensors: list, base: torch.Tensor, pieces: list) -> None:
+        """One counting pass bracketed by a sample when it suffices, else the sweeps."""
+        def magnitudes() -> Iterator[tuple[int, torch.Tensor]]:
+            for _, _, ins, b, offset in _pieces(tensors, base, pieces):
+                for _, tau in _task_vectors(ins, b, [i]):
+                    yield offset, tau.abs_()
 
-    def prepare(self, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        """Locate the cuts' positions (pieces come in order); a no-op once they are known."""
-        for i, tau in _task_vectors(tensors, base, self._unlocated()):
-            mag = tau.abs()
-            for cut in self.cuts[i]:
-                cut.locate(mag, offset)
+        if not resolve_in_memory(list(self.cuts[i]), _sample(tensors[i], base), magnitudes):
+            return super().gather_model(i, tensors, base, pieces)
+        if self.mode == "l1":
+            for _, _, ins, b, offset in _pieces(tensors, base, pieces):
+                self.observe_models(2, ins, b, offset, [i])
 
     def scale(self, i: int) -> float | torch.Tensor:
         if self.mode == "density":
@@ -130,7 +175,6 @@ class ModelTrim(_Trim):
     are rescaled by 1/density with ``rescale``."""
 
     scope = "model"
-    sweeps = 2
 
     def __init__(self, n: int, densities: list[float], rescale: bool = False):
         self.n, self.densities, self.rescale = n, list(densities), rescale
@@ -147,9 +191,8 @@ class ModelTrim(_Trim):
                                  f"tensor needs the same density per model; got {first.densities} and {p.densities}")
         return cls(sum(p.n for p in parts), first.densities, first.rescale)
 
-    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        for i, tau in _task_vectors(tensors, base, self._wanted()):
-            self.cuts[i][0].observe(sweep, tau.abs_())
+    def prepare_models(self, tensors: list, base: torch.Tensor, offset: int, models: list[int]) -> None:
+        pass  # |τ| ≥ v survives whatever its position: nothing to locate
 
     def kept(self, i: int, delta: torch.Tensor, offset: int) -> Kept | None:
         if self.cuts[i] is None or self.cuts[i][0].trivial:

@@ -5,6 +5,12 @@ The rank of an entry is its position in ascending order of the score, ties broke
 earlier entry ranks lower), so a selection is a function of the values alone: the same on every
 device, with every block size and in every run, and the same mask a full stable sort would give.
 
+A score held in memory whole is resolved in one counting pass instead (:func:`resolve_in_memory`):
+a sample of the score brackets the m-th smallest between two values; one pass counts the entries
+below the bracket and keeps the few inside it with their positions, which gives the value, ``need``
+and ``position`` at once. When the bracket misses (an unrepresentative sample), the sweeps below
+decide, so the answer is exact either way.
+
 ``lowest(m)``, the entries of rank < m, is described by a :class:`Cut`: the m-th smallest value v,
 and among the entries equal to v, how many belong to the lowest m (``need``; they are the first
 ``need`` equal entries in position order). It is found in two sweeps over the score, which may come
@@ -21,8 +27,11 @@ tensor's size; no sort, no copy of the score.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
@@ -40,6 +49,23 @@ def _bin_of(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     cum = torch.cumsum(hist, 0)
     b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=cum.dtype), right=True))
     return b, int(cum[b - 1]) if b else 0
+
+
+def _low_bits_in_bin(bits: torch.Tensor, top: int) -> torch.Tensor:
+    """The low 16 bits of the entries whose top 16 bits are `top` (numpy on the CPU: its compare
+    and compaction cost a fraction of torch's per entry)."""
+    if bits.device.type != "cpu":
+        return torch.bitwise_and(bits[torch.bitwise_right_shift(bits, 16) == top], 0xFFFF)
+    values = bits.numpy()
+    picked = values[np.flatnonzero((values >> 16) == top)]
+    return torch.from_numpy(picked & 0xFFFF)
+
+
+def _equal(flat: torch.Tensor, value: float) -> torch.Tensor:
+    """Flat indices of the entries equal to `value`, in order."""
+    if flat.device.type != "cpu":
+        return torch.nonzero(flat == value).reshape(-1)
+    return torch.from_numpy(np.flatnonzero(flat.numpy() == np.float32(value)))
 
 
 @dataclass
@@ -77,8 +103,8 @@ class Cut:
             counts = torch.bincount(top, minlength=HI_BINS)
             self.hi = counts if self.hi is None else self.hi.add_(counts)
         else:
-            in_bin = bits[torch.bitwise_right_shift(bits, 16) == self.bin]
-            counts = torch.bincount(torch.bitwise_and(in_bin, 0xFFFF), minlength=LO_BINS)
+            low = _low_bits_in_bin(bits, self.bin)
+            counts = torch.bincount(low, minlength=LO_BINS)
             self.lo = counts if self.lo is None else self.lo.add_(counts)
 
     def end(self, sweep: int) -> None:
@@ -98,12 +124,10 @@ class Cut:
         """Find ``position`` from the pieces of the score, given in order from the start."""
         if self.trivial or self.position is not None:
             return
-        eq = score.reshape(-1) == self.value
-        count = int(torch.count_nonzero(eq))
-        if self._seen + count >= self.need:
-            where = torch.nonzero(eq).reshape(-1)
+        where = _equal(score.reshape(-1), self.value)
+        if self._seen + where.numel() >= self.need:
             self.position = offset + int(where[self.need - self._seen - 1])
-        self._seen += count
+        self._seen += where.numel()
 
     def lowest(self, score: torch.Tensor, offset: int) -> torch.Tensor:
         """Bool mask (shape of the piece) of its entries in lowest(m). Pieces are located in order
@@ -147,3 +171,86 @@ def rank_window(score: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
     if lo > 0:
         keep &= ~low.lowest(score, 0)
     return keep
+
+
+SAMPLE = 1 << 16  # entries of the sample that brackets a cut
+
+
+def band_limit(n: int) -> int:
+    """Most entries kept inside a bracket (a sixteenth of the score, at least 65536): beyond that
+    the histogram sweeps decide, so the memory of a resolution stays bounded by the score's size."""
+    return max(1 << 16, n >> 4)
+
+
+def memory_bytes(n: int) -> int:
+    """Transient bytes of resolving one cut in memory: the sample, the kept entries (position and
+    value), bool or float scratch of a piece."""
+    return 8 * min(n, SAMPLE) + 12 * band_limit(n)
+
+
+def bracket(sample: torch.Tensor, m: int, n: int) -> tuple[float, float]:
+    """Values that bracket the m-th smallest of n entries with near certainty, from a sample of
+    them: the sample's order statistics four standard deviations (and two entries) either side."""
+    s = sample.numel()
+    q = m / n
+    spread = 4.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
+    lo, hi = max(0, int(q * s - spread)), min(s - 1, int(math.ceil(q * s + spread)))
+    part = np.partition(sample.numpy(), hi)  # one k at a time: a tuple of ks is several times slower
+    low = np.partition(part[:hi + 1], lo)
+    return float(low[lo]), float(part[hi])
+
+
+def _band(score: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """(entries below lo, flat indices of the entries in [lo, hi]) of one piece. On the CPU with
+    numpy: its comparisons and ``flatnonzero`` cost a fraction of torch's ``nonzero`` per entry."""
+    flat = score.reshape(-1)
+    if flat.device.type != "cpu":
+        at_least = flat >= lo
+        inside = at_least & (flat <= hi)
+        return flat.numel() - int(torch.count_nonzero(at_least)), torch.nonzero(inside).reshape(-1)
+    values = flat.numpy()
+    at_least = values >= np.float32(lo)
+    under = values.size - int(np.count_nonzero(at_least))
+    at_least &= values <= np.float32(hi)
+    return under, torch.from_numpy(np.flatnonzero(at_least))
+
+
+def resolve_in_memory(cuts: list[Cut], sample: torch.Tensor, pieces: Callable[[], Iterable]) -> bool:
+    """Resolve `cuts` (value, need, position) over a score in memory in one counting pass per cut:
+    `sample` is a sample of the score (float32), `pieces()` yields (flat offset, piece) in position
+    order. Returns False, leaving the cuts untouched, when a bracket missed or held too many."""
+    live = [c for c in cuts if not c.trivial]
+    if not live:
+        return True
+    brackets = [bracket(sample.cpu(), c.m, c.n) for c in live]
+    below = [0] * len(live)
+    kept = [0] * len(live)
+    inside: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in live]
+    for offset, piece in pieces():
+        flat = piece.reshape(-1)
+        for j, (lo, hi) in enumerate(brackets):
+            under, idx = _band(flat, lo, hi)
+            below[j] += under
+            kept[j] += idx.numel()
+            if kept[j] > band_limit(live[j].n):
+                return False
+            inside[j].append(((idx + offset).cpu(), flat[idx].cpu()))
+    found = [_pick(c, below[j], inside[j]) for j, c in enumerate(live)]
+    if not all(f is not None for f in found):
+        return False
+    for c, (value, need, position) in zip(live, found):
+        c.value, c.need, c.position = value, need, position
+    return True
+
+
+def _pick(cut: Cut, below: int, inside: list) -> tuple[float, int, int] | None:
+    """The cut from the entries below its bracket and those inside (positions, values)."""
+    positions = torch.cat([p for p, _ in inside]) if inside else torch.zeros(0, dtype=torch.int64)
+    values = torch.cat([v for _, v in inside]) if inside else torch.zeros(0)
+    r = cut.m - below  # 1-based rank of the m-th smallest among the entries inside
+    if not 1 <= r <= values.numel():
+        return None
+    value = float(np.partition(values.numpy(), r - 1)[r - 1])
+    need = cut.m - below - int(torch.count_nonzero(values < value))
+    equal = positions[values == value]  # in position order: pieces and indices came in order
+    return value, need, int(equal[need - 1])

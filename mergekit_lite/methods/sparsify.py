@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .select import Cut, cuts_for, rank_window  # noqa: F401  (rank_window re-exported)
@@ -68,8 +69,7 @@ def _keep_above_(delta: torch.Tensor, value: float, first: int) -> None:
     if first:
         torch.nn.functional.threshold_(mag[:first], value, 0.0)
     if first < mag.numel():
-        below = float(torch.nextafter(torch.tensor(value, dtype=torch.float32),
-                                      torch.tensor(float("-inf"), dtype=torch.float32)))
+        below = float(np.nextafter(np.float32(value), np.float32(-np.inf)))  # > below: ≥ value
         torch.nn.functional.threshold_(mag[first:], below, 0.0)
     torch.copysign(mag.view(delta.shape), delta, out=delta)
 

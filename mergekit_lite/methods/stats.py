@@ -18,7 +18,7 @@ state (``state_bytes``) is held by the memory ledger between sweeps; observing a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,20 +44,48 @@ class Statistic:
         """What the method receives for the piece starting at flat index `offset`."""
         return self
 
-    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None) -> "Statistic":
-        """Every sweep over inputs held whole in memory (one piece at offset 0)."""
-        for sweep in range(self.sweeps):
-            self.observe(sweep, tensors, base, 0)
-            self.end(sweep)
-        self.prepare(tensors, base, 0)
+    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list | None = None,
+               pool: Any = None) -> "Statistic":
+        """Every sweep over inputs held whole in memory, in `pieces` (row ranges; None: one piece),
+        on a thread of `pool` when given (the pieces must come in order)."""
+        pieces = pieces or [(None, None)]
+
+        def run() -> None:
+            for sweep in range(self.sweeps):
+                for first, stop, ins, b, offset in _pieces(tensors, base, pieces):
+                    self.observe(sweep, ins, b, offset)
+                self.end(sweep)
+            for first, stop, ins, b, offset in _pieces(tensors, base, pieces):
+                self.prepare(ins, b, offset)
+
+        pool.submit(run).result() if pool is not None else run()
         return self
 
     @property
     def state_bytes(self) -> int:
         return 0
 
-    def gather_bytes(self, numel: int) -> int:
+    def gather_bytes(self, piece: int, whole: int) -> int:
+        """Transient bytes of observing a piece of `piece` entries (of a tensor of `whole`), or of
+        gathering over the whole tensor in such pieces."""
         return 0
+
+
+def rows(tensor: torch.Tensor | None, first: int | None, stop: int | None) -> torch.Tensor | None:
+    """Rows [first, stop) of a tensor (the whole of it when first is None or it has one dimension)."""
+    if tensor is None or first is None or tensor.dim() < 2:
+        return tensor
+    return tensor[first:stop]
+
+
+def _pieces(tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list) -> Iterator[tuple]:
+    """(first, stop, the tensors' rows, the base's rows, flat offset) for each row range."""
+    shape = tuple((base if base is not None else tensors[0]).shape)
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    for first, stop in pieces:
+        yield first, stop, [rows(t, first, stop) for t in tensors], rows(base, first, stop), (first or 0) * row
 
 
 def gather(stat: Statistic, tensors: list[torch.Tensor], base: torch.Tensor | None) -> Statistic:
@@ -98,6 +126,6 @@ class Dots(Statistic):
     def dot(self, i: int, j: int) -> float:
         return float(self.sums[(i, j)])
 
-    def gather_bytes(self, numel: int) -> int:
+    def gather_bytes(self, piece: int, whole: int) -> int:
         """The float32 vectors of a piece (when formed, e.g. task vectors) and the float64 chunks."""
-        return 4 * 2 * numel + 3 * 8 * min(numel, CHUNK)
+        return 4 * 2 * piece + 3 * 8 * min(piece, CHUNK)
