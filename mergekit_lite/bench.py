@@ -23,9 +23,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from math import prod as numel  # not dtypes.numel: building the CLI parser must not import torch
 from typing import Any
-
-from .dtypes import numel
 
 _WRAP = textwrap.dedent("""
     import json, resource, subprocess, sys, time

@@ -25,6 +25,8 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from ..errors import did_you_mean
+
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
 
@@ -207,11 +209,14 @@ def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...
 
 
 def get(name: str) -> Method:
-    """The method registered as `name`; KeyError listing the known names otherwise."""
+    """The method registered as `name`; KeyError listing the known names otherwise (with the
+    name meant, when `name` differs from one only in case or by a typo). Names are exact, as in
+    mergekit: ``TIES`` is not ``ties``."""
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+        raise KeyError(f"unknown merge method {name!r}{did_you_mean(name, REGISTRY)}; "
+                       f"known methods: {', '.join(sorted(REGISTRY))}") from None
 
 
 def names() -> list[str]:
@@ -251,3 +256,5 @@ from . import karcher as _karcher  # noqa: E402,F401
 from . import model_stock as _model_stock  # noqa: E402,F401
 from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
+from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
+from . import ram as _ram  # noqa: E402,F401
