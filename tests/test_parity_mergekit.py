@@ -348,6 +348,61 @@ DETERMINISTIC = {
           - model: {a}
         parameters: {{t: [0.001, 0.006]}}
         """,
+    "arcee_fusion": """
+        merge_method: arcee_fusion
+        base_model: {base}
+        models:
+          - model: {c}
+        """,
+    "arcee_fusion_base_listed": """
+        merge_method: arcee_fusion
+        base_model: {base}
+        models:
+          - model: {base}
+          - model: {a}
+        """,
+    "ram": """
+        merge_method: ram
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+          - model: {c}
+        parameters:
+          epsilon:
+            - filter: mlp
+              value: 0.002
+            - value: [0.0005, 0.003]
+        """,
+    "ram_defaults": """
+        merge_method: ram
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+        """,
+    "ramplus_tl": """
+        merge_method: ramplus_tl
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+          - model: {c}
+        parameters:
+          r: [0.1, 0.8]
+          alpha:
+            - filter: self_attn
+              value: 0.5
+            - value: 0.2
+          epsilon: 0.003
+        """,
+    "ramplus_tl_defaults": """
+        merge_method: ramplus_tl
+        base_model: {base}
+        models:
+          - model: {b}
+          - model: {a}
+        """,
 }
 
 RANDOM = {

@@ -44,7 +44,7 @@ def importance_scores(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     min_models=1,
     max_models=1,
     paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
-    workspace=lambda n: 5.0,
+    workspace=lambda n: 6.0,  # ~4 measured, plus the per-row KL (a full unit when rows have 1 entry)
 )
 def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """θ = θ_base + (θ₁ − θ_base)·[s ≥ median(s) + 1.5·IQR(s)], s = |θ₁ − θ_base|·KL_row.
