@@ -50,8 +50,7 @@ class Expr:
         if isinstance(other, TaskVector):
             return self + (-other)
         if isinstance(other, Expr):
-            _whole(self, "subtract from")
-            _whole(other, "subtract")
+            _whole(self, other)
             return TaskVector(((self, 1.0),), other)
         return _no_number("subtract", other)
 
@@ -315,11 +314,8 @@ def merge(method: str, models: Sequence[Expr | TaskVector], base: Expr | None = 
 
 
 class _Combo(Expr):
-    """Σ cⱼ·θⱼ, a linear combination of models (lowered to ``linear`` with normalize: false).
-
-    It is a model only when Σ cⱼ = 1 (a weighted average, such as 0.5·a + 0.5·b); otherwise it is
-    *partial* (a scaled model such as 0.5·a, on its way to an average) and using it as a model is
-    an error: 2·θ or θ_a + θ_b is not a model anyone wants (see :data:`_ADDED`)."""
+    """Σ cⱼ·θⱼ (lowered to ``linear``, normalize: false); a model only when Σ cⱼ = 1 (0.5·a + 0.5·b).
+    Otherwise it is *partial* (0.5·a on its way to an average) and using it as a model is an error."""
 
     def __init__(self, terms: tuple[tuple[Expr, float], ...]):
         self.terms = terms
@@ -351,8 +347,7 @@ class _Combo(Expr):
             yield from x._leaves()
 
     def _doc(self, low: "Lowering") -> dict | None:
-        if _partial(self):
-            raise TypeError(_PARTIAL.format(x=self, total=_weight_sum(self)))
+        _whole(self)
         if len(self.terms) == 1 and self.terms[0][1] == 1.0:
             return None  # the identity
         return {"merge_method": "linear",
@@ -441,9 +436,9 @@ def _partial(x: Expr) -> bool:
     return abs(_weight_sum(x) - 1.0) > 1e-9
 
 
-def _whole(x: Expr, op: str) -> None:
-    if _partial(x):
-        raise TypeError(f"cannot {op} {x!r}: " + _PARTIAL.format(x=x, total=_weight_sum(x)).split(": ", 1)[1])
+def _whole(*xs: Expr) -> None:
+    for x in filter(_partial, xs):
+        raise TypeError(_PARTIAL.format(x=x, total=_weight_sum(x)))
 
 
 def _no_number(op: str, other: Any):
