@@ -40,6 +40,21 @@ OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "q
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def mergekit_command(name: str = "mergekit-yaml") -> str | None:
+    """mergekit's own command `name` on PATH, or None: our entry points of the same name (installed
+    with this package) are skipped, so that tools comparing against mergekit never compare with us."""
+    for folder in os.get_exec_path():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK) and not _ours(path):
+            return path
+    return None
+
+
+def _ours(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return b"mergekit_lite" in fh.read(4096)
+
+
 def refused_command(argv: list[str]) -> str | None:
     """The refusal for a command of mergekit's that mergekit-lite does not have, or None."""
     return REFUSED_COMMANDS.get(argv[0]) if argv else None

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import mergekit_lite
+from mergekit_lite.dropin import mergekit_command
 from mergekit_lite.dropin import main_multi, main_yaml
 
 from conftest import load_dir, write_plan
 
-MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or mergekit_command()  # mergekit's, not our entry point
 needs_mergekit = pytest.mark.skipif(not (MERGEKIT and os.path.exists(MERGEKIT)),
                                     reason="mergekit-yaml not found (set MERGEKIT_YAML to run the parity tests)")
 BAR_FLAGS = ["--copy-tokenizer", "--out-shard-size", "1B", "--random-seed", "42", "--lazy-unpickle",

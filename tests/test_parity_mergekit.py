@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import textwrap
 
@@ -25,11 +24,12 @@ import pytest
 import torch
 
 import mergekit_lite
+from mergekit_lite.dropin import mergekit_command
 from mergekit_lite.examples import LLAMA_CONFIG, llama_shapes, random_model, save_model
 
 from conftest import load_dir
 
-MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or mergekit_command()  # mergekit's, not our entry point
 needs_mergekit = pytest.mark.skipif(not (MERGEKIT and os.path.exists(MERGEKIT)),
                                     reason="mergekit-yaml not found (set MERGEKIT_YAML to run the parity tests)")
 

@@ -16,6 +16,10 @@ Call convention::
 - random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
 
 Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
+
+Method modules take torch from :mod:`mergekit_lite.lazy` (``from ..lazy import torch``), never
+``import torch``, and use it only inside functions: importing the registry must not import torch,
+so that ``mergekit-lite methods`` and ``--help`` answer at once (``tests/test_cli_hygiene.py``).
 """
 
 from __future__ import annotations
