@@ -165,6 +165,8 @@ for tool, args in json.load(open(sys.argv[1])):
     except SystemExit as exc:
         if exc.code:
             raise
+from mergekit.merge_methods.registry import registered_methods
+json.dump(sorted(m.spec.name for m in registered_methods()), open(sys.argv[2], "w"))
 """
 
 
@@ -176,7 +178,8 @@ def run_mergekit(jobs: list, workdir: str) -> None:
     if "python" in os.path.basename(interp.split()[0] if interp else ""):
         path = os.path.join(workdir, "jobs.json")
         json.dump(jobs, open(path, "w"))
-        r = subprocess.run([*interp.split(), "-c", DRIVER, path], capture_output=True, text=True, env=env)
+        r = subprocess.run([*interp.split(), "-c", DRIVER, path, os.path.join(workdir, "methods.json")],
+                           capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         return
     for tool, args in jobs:
@@ -228,6 +231,16 @@ def both(models, tmp_path_factory):
 def test_mergekit_yaml_with_mergekits_flags_gives_mergekits_tensors_and_files(both, name):
     assert_close(str(both / f"ml_{name}"), str(both / f"mk_{name}"))
     assert file_set(both / f"ml_{name}") == file_set(both / f"mk_{name}")
+
+
+@needs_mergekit
+def test_every_mergekit_method_is_here(both):
+    path = both / "methods.json"
+    if not path.exists():
+        pytest.skip("mergekit-yaml is not a Python console script: its methods were not listed")
+    from mergekit_lite import methods
+
+    assert set(json.load(open(path))) <= set(methods.names())
 
 
 @needs_mergekit
