@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-import torch
+from ..lazy import torch
 
 from .select import SAMPLE, Cut, memory_bytes, resolve_in_memory
 from .sparsify import Kept, l1_rescale_sums, window_kept

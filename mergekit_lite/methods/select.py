@@ -31,8 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
-import torch
+from ..lazy import np, torch
 
 HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 LO_BINS = 1 << 16

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
+from ..lazy import np, torch
 
 from .select import Cut, cuts_for, rank_window  # noqa: F401  (rank_window re-exported)
 
@@ -80,7 +79,7 @@ def keep_count(n: int, density: float) -> int:
     return max(1, int(density * n))
 
 
-_EPS32 = float(torch.tensor(1e-7, dtype=torch.float32))  # mergekit's guard, as a float32 compare sees it
+_EPS32 = 1.0000000116860974e-07  # float32(1e-7): mergekit's guard, as a float32 compare sees it
 
 
 def l1_rescale_sums(before: float, after: float) -> float | torch.Tensor:

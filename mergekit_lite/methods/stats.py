@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-import torch
+from ..lazy import torch
 
 from .spherical import CHUNK, acc_dtype
 
