@@ -8,7 +8,8 @@ equal to its largest planned group, with the executor measuring each merge's all
     measured ≤ planned == accounted ≤ budget
 
 where `planned` comes from the compiler (``Compiled.needs``, a dry run of :class:`Ledger`) and
-`accounted` is the peak of the ledger the executor drove while running the group. A method that
+`accounted` is the peak of the ledger the executor drove while running the group. The same holds
+with tensors streamed in row blocks (statistics swept and carried across groups). A method that
 under-declares its workspace, or a planner that computed the peak by other rules than the ones
 the executor applies, fails here.
 """
@@ -85,6 +86,21 @@ def test_measured_peak_within_planned_within_budget(plan, inputs, bf16_configs, 
     path = os.path.join(CONFIGS if inputs == "float32" else bf16_configs, plan)
     compiled = compile_plan(path, Options())
     budget = compiled.max_need  # as tight as the plan allows
+    stats = run_measured(compiled, budget, str(tmp_path))
+    check_peaks(compiled, stats, budget)
+
+
+STREAMED = [(os.path.basename(p), "bfloat16") for p in PLANS] + [(p, "float32") for p in
+                                                                ("ties.yml", "slerp.yml", "multistep.yml")]
+
+
+@pytest.mark.parametrize("plan,inputs", STREAMED)
+def test_streamed_measured_peak_within_planned_within_budget(plan, inputs, bf16_configs, tmp_path):
+    """The same, with large tensors cut into row blocks: statistics swept over the blocks and
+    carried from group to group, blocks merged in tiles."""
+    path = os.path.join(CONFIGS if inputs == "float32" else bf16_configs, plan)
+    compiled = compile_plan(path, Options(block_size=4 * 3000))
+    budget = compiled.max_need
     stats = run_measured(compiled, budget, str(tmp_path))
     check_peaks(compiled, stats, budget)
 
