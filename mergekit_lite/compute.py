@@ -70,9 +70,14 @@ class Merge(NodeBase):
         return values
 
     @property
-    def tiled(self) -> bool:
-        """Runs tile by tile: a separable method over a tensor that can be cut into rows."""
+    def separable(self) -> bool:
+        """A separable method over a tensor that can be cut into rows (row blocks, tiles)."""
         return row_count(self.shape) is not None and methods.get(self.method).streams(self.param_values())
+
+    @property
+    def tiled(self) -> bool:
+        """Runs tile by tile on the CPU: separable, and larger than one tile."""
+        return self.separable and len(tiles.tile_ranges(self.shape)) > 1
 
     def statistic(self) -> Any:
         """A fresh statistic for this tensor (None when the method needs none)."""
@@ -81,7 +86,7 @@ class Merge(NodeBase):
 
     @property
     def rows(self) -> int | None:
-        return self.shape[0] if self.tiled else None
+        return self.shape[0] if self.separable else None
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str, stats: Any = None) -> "Merge":
         n = len(self.inputs)
@@ -95,17 +100,22 @@ class Merge(NodeBase):
     @property
     def workspace_bytes(self) -> int:
         """Tiled: each compute thread's tile temporaries, the statistic gathered here, the result's
-        buffer. Whole: the method's float32 temporaries (its result included), the rounded copy."""
+        buffer. Whole: the method's float32 temporaries (its result included), the rounded copy.
+        With a statistic from row-block sweeps: locating in it (``prepare``) too."""
         method = methods.get(self.method)
         n = len(self.inputs) + (self.base is not None)
+        size = numel(self.shape)
+        whole = numel(self.whole_shape or self.shape)
+        locate = self.stats.source.gather_bytes(min(size, tiles.tile_numel(self.shape)), whole) if self.stats else 0
         if not self.tiled:
-            work = method.workspace_bytes(n, numel(self.shape))
-            return work + (self.nbytes if self.held_dtype != torch.float32 else 0)
-        tile = min(numel(self.shape), tiles.tile_numel(self.shape))
-        held = numel(self.shape) * element_size(self.held_dtype)
+            work = method.workspace_bytes(n, size)
+            return work + (self.nbytes if self.held_dtype != torch.float32 else 0) + locate
+        tile = tiles.tile_numel(self.shape)
+        threads = min(tiles.THREADS, len(tiles.tile_ranges(self.shape)))
         stat = None if self.stats else self.statistic()
-        gathering = stat.state_bytes + tiles.THREADS * stat.gather_bytes(tile, numel(self.shape)) if stat else 0
-        return tiles.THREADS * method.workspace_bytes(n, tile) + held + gathering
+        gathering = stat.state_bytes + threads * stat.gather_bytes(tile, size) if stat else 0
+        held = size * element_size(self.held_dtype)
+        return threads * method.workspace_bytes(n, tile) + held + gathering + locate
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         method = methods.get(self.method)
