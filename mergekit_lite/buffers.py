@@ -3,8 +3,8 @@
 Every block read and every block result needs a buffer of some megabytes. Allocated fresh, each
 one is a new mapping whose pages fault in on first touch (about 0.1 s per 262 MB on the VMs we
 measured) and are returned to the system when freed. The pool keeps released buffers by size class
-(quarter powers of two, so a buffer serves any request within 19% of its size) and hands them out
-again: after the first blocks, reads and results land in memory that is already paged in.
+(quarter powers of two) and hands them out again, for any request of up to the buffer's size and
+at least half of it: after the first blocks, reads and results land in memory already paged in.
 
 A buffer comes back to the pool by itself: the pool keeps one reference to each buffer it handed
 out and takes it back when nothing else refers to its storage any more (no tensor, view or numpy
@@ -63,10 +63,10 @@ class BufferPool:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned and nbytes > 0)
         with self._lock:
             self._reclaim()
-            spare = self.free.get(size)
-            buf = spare.pop() if spare else None
+            fits = [s for s, bufs in self.free.items() if bufs and size <= s <= 2 * size]
+            buf = self.free[min(fits)].pop() if fits else None
             if buf is not None:
-                self.idle -= size
+                self.idle -= buf.numel()
             else:
                 buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
                 self.allocated += size
@@ -82,17 +82,21 @@ class BufferPool:
         return self.take(n * itemsize).view(dtype).view(shape)
 
     def _reclaim(self) -> None:
-        """Buffers no longer referred to by anything but the pool go back to the free lists."""
+        """Buffers no longer referred to by anything but the pool go back to the free lists; beyond
+        ``idle_limit`` idle bytes, the largest idle buffers are freed (a run's block sizes change
+        from tensor to tensor: a few large idle buffers would otherwise sit in RSS)."""
         still = []
         for buf in self.lent:
             if _references(buf) > 1:
                 still.append(buf)
                 continue
-            size = buf.numel()
-            if self.idle + size <= self.idle_limit:
-                self.free.setdefault(size, []).append(buf)
-                self.idle += size
+            self.free.setdefault(buf.numel(), []).append(buf)
+            self.idle += buf.numel()
         self.lent = still
+        for size in sorted(self.free, reverse=True):
+            while self.idle > self.idle_limit and self.free[size]:
+                self.free[size].pop()
+                self.idle -= size
 
     def clear(self) -> None:
         with self._lock:

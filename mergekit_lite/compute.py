@@ -106,14 +106,14 @@ class Merge(NodeBase):
         n = len(self.inputs) + (self.base is not None)
         size = numel(self.shape)
         whole = numel(self.whole_shape or self.shape)
-        locate = self.stats.source.gather_bytes(min(size, tiles.tile_numel(self.shape)), whole) if self.stats else 0
+        locate = self.stats.source.statistic.piece_bytes(min(size, tiles.tile_numel(self.shape))) if self.stats else 0
         if not self.tiled:
             work = method.workspace_bytes(n, size)
             return work + (self.nbytes if self.held_dtype != torch.float32 else 0) + locate
         tile = tiles.tile_numel(self.shape)
         threads = min(tiles.THREADS, len(tiles.tile_ranges(self.shape)))
         stat = None if self.stats else self.statistic()
-        gathering = stat.state_bytes + threads * stat.gather_bytes(tile, size) if stat else 0
+        gathering = stat.state_bytes + stat.held_bytes(size) + threads * stat.piece_bytes(tile) if stat else 0
         held = size * element_size(self.held_dtype)
         return threads * method.workspace_bytes(n, tile) + held + gathering + locate
 
@@ -194,8 +194,10 @@ class StatSource:
     def state_bytes(self) -> int:
         return self.create().state_bytes
 
-    def gather_bytes(self, piece: int, whole: int) -> int:
-        return self.merges[0].statistic().gather_bytes(piece, whole)
+    @functools.cached_property
+    def statistic(self) -> Any:
+        """A statistic of this source's kind, asked only about its memory."""
+        return self.merges[0].statistic()
 
 
 @node_kind
@@ -224,8 +226,7 @@ class Observe(NodeBase):
     def workspace_bytes(self) -> int:
         shape = self.merge.shape
         tile = numel(shape) if row_count(shape) is None else tiles.tile_numel(shape)
-        whole = numel(self.merge.whole_shape or shape)
-        return self.source.gather_bytes(tile, whole) + (0 if self.previous is not None else self.source.state_bytes)
+        return self.source.statistic.piece_bytes(tile) + (0 if self.previous is not None else self.source.state_bytes)
 
     def run(self, ctx: Any, args: list) -> Any:
         stat = args.pop() if self.previous is not None else self.source.create()

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from ..lazy import torch
 
-from .select import SAMPLE, Cut, memory_bytes, resolve_in_memory
+from .select import SAMPLE, Bracketed, Cut, memory_bytes
 from .sparsify import Kept, l1_rescale_sums, window_kept
 from .stats import Statistic, _pieces, fold
 
@@ -109,9 +109,13 @@ class _Trim(Statistic):
     def state_bytes(self) -> int:
         return 3 * 8 * (1 << 15) * sum(len(c) for c in self.cuts if c)  # a cut's histograms
 
-    def gather_bytes(self, piece: int, whole: int) -> int:
-        """A task vector and its magnitudes per piece, the sample and kept entries of each cut."""
-        return 3 * 4 * piece + 2 * memory_bytes(whole) + 3 * 8 * (1 << 16)
+    def piece_bytes(self, piece: int) -> int:
+        """The upcast base, a task vector, its magnitudes and masks; a histogram's counts."""
+        return 4 * 4 * piece + 8 * (1 << 16)
+
+    def held_bytes(self, whole: int) -> int:
+        """Each non-trivial cut's sample and the entries kept inside its bracket."""
+        return sum(memory_bytes(c.n) for cuts in self.cuts if cuts for c in cuts if not c.trivial)
 
 
 class _At:
@@ -146,18 +150,28 @@ class TensorTrim(_Trim):
             kept = window_kept(*self.cuts[i], tau, offset)
             self.norms[i][1] = fold(self.norms[i][1], _row_sums((kept.apply_(tau) if kept else tau).abs_()))
 
-    def gather_model(self, i: int, tensors: list, base: torch.Tensor, pieces: list) -> None:
-        """One counting pass bracketed by a sample when it suffices, else the sweeps."""
-        def magnitudes() -> Iterator[tuple[int, torch.Tensor]]:
-            for _, _, ins, b, offset in _pieces(tensors, base, pieces):
-                for _, tau in _task_vectors(ins, b, [i]):
-                    yield offset, tau.abs_()
+    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list | None = None,
+               pool: Any = None) -> "TensorTrim":
+        """Over tensors in memory: one counting pass per model, bracketed by a sample of its |τ|
+        (pieces spread over `pool`'s threads, each forming the upcast base once for every model);
+        the sweeps for a model whose bracket missed; the norms for the l1 rescale."""
+        pieces = pieces or [(None, None)]
+        models = self.models()
+        passes = {i: Bracketed(list(self.cuts[i]), _sample(tensors[i], base)) for i in models}
 
-        if not resolve_in_memory(list(self.cuts[i]), _sample(tensors[i], base), magnitudes):
-            return super().gather_model(i, tensors, base, pieces)
-        if self.mode == "l1":
-            for _, _, ins, b, offset in _pieces(tensors, base, pieces):
-                self.observe_models(2, ins, b, offset, [i])
+        def piece(first: int | None, stop: int | None) -> None:
+            for _, _, ins, b, offset in _pieces(tensors, base, [(first, stop)]):
+                for i, tau in _task_vectors(ins, b, models):
+                    passes[i].feed(offset, tau.abs_())
+
+        list(pool.map(lambda p: piece(*p), pieces)) if pool is not None else [piece(*p) for p in pieces]
+        for i in models:
+            if not passes[i].finish():
+                super().gather_model(i, tensors, base, pieces)
+            if self.mode == "l1":
+                for _, _, ins, b, offset in _pieces(tensors, base, pieces):
+                    self.observe_models(2, ins, b, offset, [i])
+        return self
 
     def scale(self, i: int) -> float | torch.Tensor:
         if self.mode == "density":

@@ -28,6 +28,7 @@ tensor's size; no sort, no copy of the score.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -214,32 +215,54 @@ def _band(score: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]
     return under, torch.from_numpy(np.flatnonzero(at_least))
 
 
-def resolve_in_memory(cuts: list[Cut], sample: torch.Tensor, pieces: Callable[[], Iterable]) -> bool:
-    """Resolve `cuts` (value, need, position) over a score in memory in one counting pass per cut:
-    `sample` is a sample of the score (float32), `pieces()` yields (flat offset, piece) in position
-    order. Returns False, leaving the cuts untouched, when a bracket missed or held too many."""
-    live = [c for c in cuts if not c.trivial]
-    if not live:
-        return True
-    brackets = [bracket(sample.cpu(), c.m, c.n) for c in live]
-    below = [0] * len(live)
-    kept = [0] * len(live)
-    inside: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in live]
-    for offset, piece in pieces():
+class Bracketed:
+    """One counting pass of several cuts of one score held in memory: each cut bracketed by a
+    sample of the score; pieces (flat offset, values) may come in any order, from several threads."""
+
+    def __init__(self, cuts: list[Cut], sample: torch.Tensor):
+        self.live = [c for c in cuts if not c.trivial]
+        self.brackets = [bracket(sample.cpu(), c.m, c.n) for c in self.live] if self.live else []
+        self.parts: dict[int, list] = {}  # offset -> per cut (entries below, positions, values)
+        self.kept = 0
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def feed(self, offset: int, piece: torch.Tensor) -> None:
+        if self.failed or not self.live:
+            return
         flat = piece.reshape(-1)
-        for j, (lo, hi) in enumerate(brackets):
+        found = []
+        for lo, hi in self.brackets:
             under, idx = _band(flat, lo, hi)
-            below[j] += under
-            kept[j] += idx.numel()
-            if kept[j] > band_limit(live[j].n):
-                return False
-            inside[j].append(((idx + offset).cpu(), flat[idx].cpu()))
-    found = [_pick(c, below[j], inside[j]) for j, c in enumerate(live)]
-    if not all(f is not None for f in found):
-        return False
-    for c, (value, need, position) in zip(live, found):
-        c.value, c.need, c.position = value, need, position
-    return True
+            found.append((under, (idx + offset).cpu(), flat[idx].cpu()))
+        with self._lock:
+            self.parts[offset] = found
+            self.kept += sum(f[1].numel() for f in found)
+            self.failed = self.failed or self.kept > sum(band_limit(c.n) for c in self.live)
+
+    def finish(self) -> bool:
+        """Set each cut's value, need and position; False (cuts untouched) when a bracket missed
+        or held too many entries."""
+        if self.failed:
+            return False
+        ordered = [self.parts[k] for k in sorted(self.parts)]
+        found = [_pick(c, sum(p[j][0] for p in ordered), [p[j][1:] for p in ordered])
+                 for j, c in enumerate(self.live)]
+        if not all(f is not None for f in found):
+            return False
+        for c, (value, need, position) in zip(self.live, found):
+            c.value, c.need, c.position = value, need, position
+        return True
+
+
+def resolve_in_memory(cuts: list[Cut], sample: torch.Tensor, pieces: Callable[[], Iterable]) -> bool:
+    """Resolve `cuts` (value, need, position) over a score in memory in one counting pass:
+    `sample` is a sample of the score (float32), `pieces()` yields (flat offset, piece). Returns
+    False, leaving the cuts untouched, when a bracket missed or held too many."""
+    pass_ = Bracketed(cuts, sample)
+    for offset, piece in pieces():
+        pass_.feed(offset, piece)
+    return pass_.finish()
 
 
 def _pick(cut: Cut, below: int, inside: list) -> tuple[float, int, int] | None:

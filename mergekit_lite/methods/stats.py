@@ -12,8 +12,9 @@ separable and which :class:`Statistic` it needs, and the engine gathers it first
 
 The method then receives ``stats.at(offset)`` for the piece whose first entry has the flat index
 ``offset``, and uses it instead of looking at the whole tensor. A statistic is a small object: its
-state (``state_bytes``) is held by the memory ledger between sweeps; observing a piece takes
-``gather_bytes(numel)`` transient bytes. The engine never learns what a statistic computes.
+state (``state_bytes``) is held by the memory ledger between sweeps; observing a piece of n entries
+takes ``piece_bytes(n)`` transient bytes, and gathering over a whole tensor of n entries holds
+``held_bytes(n)`` more while it lasts. The engine never learns what a statistic computes.
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ class Statistic:
     def state_bytes(self) -> int:
         return 0
 
-    def gather_bytes(self, piece: int, whole: int) -> int:
-        """Transient bytes of observing a piece of `piece` entries (of a tensor of `whole`), or of
-        gathering over the whole tensor in such pieces."""
+    def piece_bytes(self, piece: int) -> int:
+        """Transient bytes of observing (or preparing) one piece of `piece` entries."""
+        return 0
+
+    def held_bytes(self, whole: int) -> int:
+        """Bytes held while gathering over a whole tensor of `whole` entries in memory."""
         return 0
 
 
@@ -126,6 +130,6 @@ class Dots(Statistic):
     def dot(self, i: int, j: int) -> float:
         return float(self.sums[(i, j)])
 
-    def gather_bytes(self, piece: int, whole: int) -> int:
+    def piece_bytes(self, piece: int) -> int:
         """The float32 vectors of a piece (when formed, e.g. task vectors) and the float64 chunks."""
         return 4 * 2 * piece + 3 * 8 * min(piece, CHUNK)
