@@ -26,6 +26,8 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the plan's seed)")
     p.add_argument("--block-size", default=None, metavar="SIZE",
                    help="tensors larger than this (in float32) are merged in row blocks of this size [64MiB]")
+    p.add_argument("--max-device-memory", default=None, metavar="SIZE",
+                   help="with --device cuda: budget for device memory [90%% of what is free]")
 
 
 def build_parser() -> argparse.ArgumentParser:

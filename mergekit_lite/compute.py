@@ -126,7 +126,7 @@ class Merge(NodeBase):
             kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
         if self.tiled and ctx.device.type == "cpu":
             return self._run_tiled(ctx, method, args, stats, kwargs)
-        moved = [a.to(ctx.device, non_blocking=True) for a in args]
+        moved = [ctx.on_device(a) for a in args]
         base = moved.pop() if self.base is not None else None
         if stats is not None:
             offset = self.first_row * numel(self.shape[1:])
@@ -230,7 +230,7 @@ class Observe(NodeBase):
 
     def run(self, ctx: Any, args: list) -> Any:
         stat = args.pop() if self.previous is not None else self.source.create()
-        tensors = [a.to(ctx.device, non_blocking=True) for a in args]
+        tensors = [ctx.on_device(a) for a in args]
         base = tensors.pop() if self.merge.base is not None else None
         shape, row = self.merge.shape, numel(self.merge.shape[1:])
         with ctx.measuring():

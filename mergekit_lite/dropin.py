@@ -36,7 +36,8 @@ REFUSED_COMMANDS.update({f"mergekit-{k}": v for k, v in list(REFUSED_COMMANDS.it
 
 # Options fields that mergekit-lite's own flags set; they win over the mergekit flag of the same
 # meaning (``run --seed 1 --random-seed 2`` seeds with 1).
-OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "block_size")
+OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "block_size",
+              "max_device_memory")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

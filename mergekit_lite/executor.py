@@ -30,25 +30,12 @@ import torch
 
 from . import tiles
 from .buffers import BufferPool
+from .device import DeviceLink, pick_device  # noqa: F401  (pick_device re-exported)
 from .errors import BudgetExceeded, MergeError
 from .graph import Compiled
 from .io.reader import TensorReader
 from .io.writer import human_size
 from .ledger import Budget, Ledger, Meter, group_view
-
-
-def pick_device(name: str | None) -> torch.device:
-    """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                         "use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MergeError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def limit_allocator_caching() -> None:
@@ -91,6 +78,7 @@ class Stats:
     seconds: float = 0.0
     peak_live_bytes: int = 0
     peak_reserved_bytes: int = 0
+    peak_device_bytes: int = 0  # CUDA: the most device memory allocated at once
     budget: int = 0
     device: str = "cpu"
     groups: list[GroupPeak] = field(default_factory=list, repr=False)
@@ -137,8 +125,9 @@ class Resources:
     the buffer pool, and the values carried from one group to later ones (statistics)."""
 
     def __init__(self, device: torch.device, budget: Budget, writers: dict[str, Any], stats: Stats,
-                 read_threads: int, measure: bool, on_written: Callable[[Any], None]):
+                 read_threads: int, measure: bool, on_written: Callable[[Any], None], link: DeviceLink | None = None):
         self.device = device
+        self.link = link  # CUDA: uploads on a side stream, pinned downloads, the device budget
         self.budget = budget
         self.writers = writers
         self.stats = stats
@@ -182,6 +171,8 @@ class GroupRun:
         self.ledger = Ledger(self.view.consumers, self.view.carried_out)
         self.meter = Meter()
         self.futures: dict[Any, Future] = {}
+        self.uploads: dict[int, tuple] = {}  # id(host tensor) -> (device copy, its event): CUDA only
+        self.downloads: list[Any] = []  # events of results being copied back: CUDA only
         self.values: dict[Any, Any] = {}
         self.emitted: list[tuple[Any, str, torch.Tensor, int]] = []
         # the reservation is returned when every hand-off has completed and the group has run
@@ -216,11 +207,32 @@ class GroupRun:
         return self.res.pool.empty(shape, dtype)
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A result computed on the device, copied back to host memory."""
-        return tensor.to("cpu")
+        """A result computed on the device, copied back asynchronously into pinned host memory
+        (sinks wait for the copy before handing the bytes on)."""
+        if self.res.link is None:
+            return tensor.to("cpu")
+        host = self.res.pool.empty(tuple(tensor.shape), tensor.dtype)
+        self.downloads.append(self.res.link.download(tensor, host))
+        return host
+
+    def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A value on the compute device: its upload when the read started one, else a copy now."""
+        upload = self.uploads.pop(id(tensor), None) if self.res.link is not None else None
+        if upload is not None:
+            return self.res.link.use(*upload)
+        return tensor.to(self.device, non_blocking=True)
 
     def prefetch(self, node: Any, fn: Callable[[], Any]) -> None:
-        self.futures[node] = self.res.readers.submit(fn)
+        if self.res.link is None:
+            self.futures[node] = self.res.readers.submit(fn)
+            return
+
+        def read_and_upload() -> Any:
+            host = fn()
+            self.uploads[id(host)] = self.res.link.upload(host)
+            return host
+
+        self.futures[node] = self.res.readers.submit(read_and_upload)
 
     def fetched(self, node: Any) -> Any:
         return self.futures.pop(node).result()
@@ -233,14 +245,19 @@ class GroupRun:
 
     def hand_off(self, sink: Any, send: Callable[[], None]) -> None:
         held = self._hold(sink)
+        downloads = list(self.downloads)
 
         def write() -> None:
+            for event in downloads:  # results copied back from the device are complete
+                event.synchronize()
             send()
             self._done(sink, held)
 
         self.res.writes.append(self.res.writer.submit(write))
 
     def emit(self, sink: Any, name: str, value: torch.Tensor) -> None:
+        for event in self.downloads:
+            event.synchronize()
         self.emitted.append((sink, name, value, self._hold(sink, value)))
 
     # -- running -----------------------------------------------------------------------------
@@ -265,6 +282,9 @@ class GroupRun:
             if node in self.values:
                 self.res.carried[node] = self.values[node]
         self.values.clear()
+        self.uploads.clear()
+        if self.res.link is not None:  # merged: its results are (on their way) to the host
+            self.res.link.budget.release(self.need)
         self.res.stats.groups.append(GroupPeak(self.name, self.need, self.ledger.peak, self.meter.peak))
         self._settle()
 
@@ -335,7 +355,12 @@ class Scheduler:
         return self.admitted.pop(i)
 
     def _admit(self, block: bool) -> bool:
-        if not self.res.budget.acquire(self.compiled.needs[self.next], block=block):
+        need = self.compiled.needs[self.next]
+        if not self.res.budget.acquire(need, block=block):
+            return False
+        link = self.res.link
+        if link is not None and not link.budget.acquire(need, block=block):  # the device's own budget
+            self.res.budget.release(need)
             return False
         self.admitted[self.next] = GroupRun(self.res, self.compiled, self.next)
         self.next += 1
@@ -352,16 +377,18 @@ class Executor:
     `writers` maps an output key (``""`` for the main output, a folder for a step's ``save:``) to
     an object with ``write(name, tensor)``. :meth:`run` yields ``(name, tensor)`` for Emit sinks.
     With ``measure=True`` every merge runs under an allocation probe (slow; for tests), so that
-    ``stats.groups[i].measured`` includes the methods' temporaries.
+    ``stats.groups[i].measured`` includes the methods' temporaries. On CUDA, `device_budget` caps
+    the device memory in use (:mod:`.device`; default 90% of what is free).
     """
 
     def __init__(self, compiled: Compiled, *, device: str | torch.device | None = "auto", budget: int | None = None,
                  writers: dict[str, Any] | None = None, progress: bool = False, read_threads: int = 2,
-                 lookahead: int = 64, measure: bool = False):
+                 lookahead: int = 64, measure: bool = False, device_budget: int | None = None):
         self.compiled = compiled
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.budget = Budget(budget if budget is not None else auto_budget(compiled))
         check_budget(compiled, self.budget.limit)
+        self.device_budget = device_budget
         self.writers = writers or {}
         self.progress = progress
         self.read_threads = read_threads
@@ -373,8 +400,9 @@ class Executor:
         """Run everything; yields Emit results, in output order."""
         limit_allocator_caching()
         bar = _progress(self.compiled) if self.progress else None
+        link = DeviceLink(self.device, self.device_budget, self.compiled.max_need) if self.device.type == "cuda" else None
         res = Resources(self.device, self.budget, self.writers, self.stats, self.read_threads, self.measure,
-                        bar.advance if bar else (lambda sink: None))
+                        bar.advance if bar else (lambda sink: None), link)
         scheduler = Scheduler(self.compiled, res, self.lookahead)
         start = time.perf_counter()
         failed = True
@@ -396,6 +424,7 @@ class Executor:
             self.stats.seconds = time.perf_counter() - start
             self.stats.peak_reserved_bytes = self.budget.peak
             self.stats.peak_live_bytes = res.meter.peak
+            self.stats.peak_device_bytes = link.peak if link is not None else 0
 
     def execute(self) -> Stats:
         """Run to completion (for graphs whose sinks are all Writes)."""

@@ -48,6 +48,7 @@ class Options:
     write_model_card: bool = True  # README.md (the model card) and mergekit_config.yml
     allow_crimes: bool = False  # merge models of different architectures (their tensors must agree)
     block_size: str | int | None = None  # float32 bytes of a row block's largest value (None: 64 MiB)
+    max_device_memory: str | int | None = None  # CUDA: device memory budget (None: 90% of what is free)
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -80,6 +81,14 @@ class Options:
         if size < 4:
             raise MergeError("--block-size must be at least one float32 entry (4 bytes)")
         return size // 4
+
+    def device_budget(self) -> int | None:
+        if self.max_device_memory is None:
+            return None
+        try:
+            return parse_size(self.max_device_memory)
+        except ValueError as exc:
+            raise MergeError(f"--max-device-memory: {exc}") from None
 
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is None:
@@ -149,7 +158,8 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
             stack.callback(writer.close)
             writers[spec.key] = writer
         executor = Executor(compiled, device=options.device, budget=budget, writers=writers,
-                            progress=not options.quiet, read_threads=options.read_threads)
+                            progress=not options.quiet, read_threads=options.read_threads,
+                            device_budget=options.device_budget())
         stats = executor.execute()
         for spec in compiled.outputs:
             writers[spec.key].finish()
