@@ -213,8 +213,7 @@ class Expr:
 
         options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype)
         compiled = self._compile(options, sink="emit", only=only)
-        yield from Executor(compiled, device=options.device, budget=options.budget(compiled),
-                            device_budget=options.device_budget()).run()
+        yield from Executor(compiled, device=options.device, budget=options.budget(compiled)).run()
 
     def tensor(self, name: str, **options: Any) -> torch.Tensor:
         """One tensor of the merged model; only what it needs is read."""

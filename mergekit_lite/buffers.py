@@ -18,7 +18,9 @@ and device-to-host copies of results run asynchronously.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import threading
 
 import torch
@@ -103,3 +105,22 @@ class BufferPool:
             self.free.clear()
             self.lent.clear()
             self.idle = 0
+
+
+def limit_allocator_caching() -> None:
+    """Fix glibc's mmap threshold at 16 MiB, and trim its heaps beyond 32 MiB free.
+
+    Tile temporaries (about 1 MiB each, :mod:`.tiles`) then come from the heap and are reused
+    tile after tile, without a page fault; anything larger is mapped and unmapped with its tensor
+    (block buffers live in the buffer pool, :mod:`.buffers`). Without a fixed threshold glibc raises
+    it after the first large free and keeps later tensor-sized blocks in the heap, so RSS would
+    grow with model size instead of block size.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass

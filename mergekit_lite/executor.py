@@ -18,8 +18,6 @@ kind declares (:mod:`.nodes`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,32 +27,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import tiles
-from .buffers import BufferPool
+from .buffers import BufferPool, limit_allocator_caching
 from .device import DeviceLink, pick_device  # noqa: F401  (pick_device re-exported)
-from .errors import BudgetExceeded, MergeError
+from .errors import BudgetExceeded
 from .graph import Compiled
 from .io.reader import TensorReader
 from .io.writer import human_size
 from .ledger import Budget, Ledger, Meter, group_view
-
-
-def limit_allocator_caching() -> None:
-    """Fix glibc's mmap threshold at 16 MiB, and trim its heaps beyond 32 MiB free.
-
-    Tile temporaries (about 1 MiB each, :mod:`.tiles`) then come from the heap and are reused
-    tile after tile, without a page fault; anything larger is mapped and unmapped with its tensor
-    (block buffers live in the buffer pool, :mod:`.buffers`). Without a fixed threshold glibc raises
-    it after the first large free and keeps later tensor-sized blocks in the heap, so RSS would
-    grow with model size instead of block size.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 @dataclass
