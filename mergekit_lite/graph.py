@@ -1,4 +1,4 @@
-"""Compiling a recipe into the dependency graph of a merge: node records in a networkx DAG.
+"""Compiling a recipe into the dependency graph of a merge: node records in a DAG (:class:`Dag`).
 
 The compiler sees headers only: the runner has already resolved and opened every input
 (:func:`mergekit_lite.io.inputs.open_inputs`). Each step is expanded (:mod:`.plan.expand`) into
@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-import networkx as nx
 import torch
 
 from . import methods
@@ -146,7 +145,7 @@ class Compiled:
     """A recipe ready to run: the graph, its groups in order with their planned peaks, the outputs."""
 
     recipe: Recipe
-    graph: nx.DiGraph
+    graph: Dag
     groups: tuple[tuple[str, tuple[Any, ...]], ...]  # (group, its nodes in execution order)
     needs: tuple[int, ...]  # planned peak bytes of each group (the ledger's dry run)
     layout: StepLayout  # of the output step
@@ -199,7 +198,7 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
 
 
-def assemble(roots: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
+def assemble(roots: list[Any]) -> tuple[Dag, tuple, tuple[int, ...]]:
     """The graph of everything `roots` (sinks, statistics' sweeps) need, its groups in execution
     order, and each group's planned peak (the ledger's dry run)."""
     graph = _build(roots)
@@ -295,8 +294,50 @@ def _rebuilt(value: Any, rebuild: Any) -> Any:
     return value
 
 
-def _build(sinks: list[Any]) -> nx.DiGraph:
-    graph = nx.DiGraph()
+class Dag:
+    """A directed graph of hashable nodes, in insertion order, with what the compiler, the ledger
+    and the executor ask of it (edges are sets: a node listing the same input twice has one edge).
+    Small on purpose: importing networkx for this cost a quarter of a second at every start."""
+
+    def __init__(self) -> None:
+        self._succ: dict[Any, dict[Any, None]] = {}
+        self._pred: dict[Any, dict[Any, None]] = {}
+
+    def add_node(self, node: Any) -> None:
+        if node not in self._succ:
+            self._succ[node] = {}
+            self._pred[node] = {}
+
+    def add_edge(self, a: Any, b: Any) -> None:
+        self.add_node(a)
+        self.add_node(b)
+        self._succ[a][b] = None
+        self._pred[b][a] = None
+
+    def successors(self, node: Any) -> Iterator[Any]:
+        return iter(self._succ[node])
+
+    def predecessors(self, node: Any) -> Iterator[Any]:
+        return iter(self._pred[node])
+
+    def out_degree(self, node: Any) -> int:
+        return len(self._succ[node])
+
+    def in_degree(self, node: Any) -> int:
+        return len(self._pred[node])
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._succ)
+
+    def __contains__(self, node: Any) -> bool:
+        return node in self._succ
+
+    def __len__(self) -> int:
+        return len(self._succ)
+
+
+def _build(sinks: list[Any]) -> Dag:
+    graph = Dag()
     stack = list(sinks)
     seen: set[Any] = set()
     while stack:
@@ -311,7 +352,7 @@ def _build(sinks: list[Any]) -> nx.DiGraph:
     return graph
 
 
-def order_groups(graph: nx.DiGraph, roots: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
+def order_groups(graph: Dag, roots: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
     """Execution order: groups in the order of their first root (sweeps, then the output order);
     inside a group, a depth-first post-order from its roots, so each tensor is read just before the
     merge that needs it and an earlier step's inputs are freed before a later step's are read.
