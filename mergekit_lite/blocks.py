@@ -26,10 +26,11 @@ from .dtypes import numel
 BLOCK_NUMEL = 1 << 24  # entries of a block's largest value (64 MiB in float32)
 
 
-def stream(sinks: list[Any], block_numel: int = BLOCK_NUMEL) -> list[Any]:
+def stream(sinks: list[Any], block_numel: int = BLOCK_NUMEL, context: list[Any] = ()) -> list[Any]:
     """The roots (sinks, and the Observes of statistics' sweeps) in execution order, large groups
-    cut into row blocks; a group small enough, with no statistic from outside, is left as is."""
-    return _Streamer(sinks, block_numel).roots()
+    cut into row blocks; a group small enough, with no statistic from outside, is left as is.
+    `context`: nodes of tensors not written that a statistic over a whole step must still see."""
+    return _Streamer(sinks, block_numel, context).roots()
 
 
 def _closure(roots: Iterable[Any], group: str) -> list[Any]:
@@ -55,8 +56,9 @@ def _needs_statistic(node: Any) -> Any:
 
 
 class _Streamer:
-    def __init__(self, sinks: list[Any], block_numel: int):
+    def __init__(self, sinks: list[Any], block_numel: int, context: list[Any] = ()):
         self.sinks = sinks
+        self.context = list(context)
         self.block_numel = block_numel
         self.final: dict[Any, Any] = {}  # merge -> the last Observe of its statistic's sweeps
         self.memo: dict[tuple, Any] = {}
@@ -129,7 +131,8 @@ class _Streamer:
         """Statistics over a whole step (``scope == "model"``): one source per step, its sweeps
         over every tensor of the step, before anything else runs."""
         seen: dict[tuple[str, str], Any] = {}
-        for group, sinks in groups.items():
+        everything = list(groups.items()) + [(n.group, [n]) for n in self.context]
+        for group, sinks in everything:
             for node in _closure(sinks, group):
                 stat = _needs_statistic(node)
                 if stat is not None and getattr(stat, "scope", "tensor") == "model":

@@ -187,8 +187,10 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
             if comp is not final and comp.plan.save:
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
+    # a statistic over a whole step sees every tensor of it, even those not asked for (`only`)
+    context = [final.node(t.name, t.name) for t in final.layout.tensors if only is not None and t.name not in only]
     try:
-        roots = stream(_decide_rounding(sinks), block_numel)
+        roots = stream(_decide_rounding(sinks), block_numel, context)
     except ValueError as exc:  # a statistic over the whole model whose tensors disagree
         raise MergeError(str(exc)) from None
     graph, groups, needs = assemble(roots)

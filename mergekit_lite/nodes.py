@@ -188,6 +188,11 @@ class Pick(NodeBase):
     def dtype(self) -> torch.dtype:
         return self.outputs[0].dtype
 
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Pick":
+        if first is not None:
+            return super().block(first, stop, args, group)
+        return dataclasses.replace(self, source=args[0], group=group)
+
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         return args[0][self.index]
 
@@ -256,6 +261,12 @@ class Emit(_Sink):
     def outputs(self) -> tuple[Spec, ...]:
         held = self.value.outputs[0].dtype
         return () if held == self.dtype else (Spec(self.tensor, self.value.shape, self.dtype),)
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Emit":
+        """Python code receives whole tensors: only over the same rows (a new input, another group)."""
+        if first is not None:
+            return super().block(first, stop, args, group)
+        return dataclasses.replace(self, value=args[0], group=group)
 
     def run(self, ctx: Any, args: list) -> None:
         ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))

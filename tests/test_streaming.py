@@ -215,3 +215,18 @@ def test_blocks_split_rows_to_the_target():
     assert streamer.blocks([Node()]) == [(r, min(r + 33, 100)) for r in range(0, 100, 33)]
     Node.rows = None
     assert streamer.blocks([Node()]) == [(None, None)]
+
+
+def test_model_scope_from_python_sees_the_whole_model_even_for_one_tensor():
+    from mergekit_lite import Model
+
+    base = Model(os.path.join(CONFIGS, "models", "base"))
+    a = Model(os.path.join(CONFIGS, "models", "ft_math")) - base
+    b = Model(os.path.join(CONFIGS, "models", "ft_code")) - base
+    merged = base.ties([a, b], density=0.4, trim_scope="model")
+    assert "trim_scope: model" in merged.to_plan()
+    whole = dict(merged.iter_tensors())
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(merged.tensor(name), whole[name])
+    per_tensor = base.ties([a, b], density=0.4).tensor(name)
+    assert not torch.equal(per_tensor, whole[name])
