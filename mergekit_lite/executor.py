@@ -114,7 +114,7 @@ class Resources:
         self.on_written = on_written
         self.meter = Meter()
         self.reader = TensorReader()
-        self.pool = BufferPool(idle_limit=budget.limit // 2, pinned=device.type == "cuda")
+        self.pool = BufferPool(idle_limit=budget.limit, pinned=device.type == "cuda")
         self.carried: dict[Any, Any] = {}
         self.readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="mkl-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mkl-write")
