@@ -58,8 +58,9 @@ def for_tiles(ctx: Any, shape: tuple[int, ...], run: Callable[[int, int], None],
             run(first, stop)
     elif ordered or len(ranges) == 1:
         pool.submit(lambda: [run(first, stop) for first, stop in ranges]).result()
-    else:
-        for future in [pool.submit(run, first, stop) for first, stop in ranges]:
+    else:  # one task per thread, every THREADS-th tile: few hand-offs between threads
+        shares = [ranges[k::THREADS] for k in range(THREADS)]
+        for future in [pool.submit(lambda share=share: [run(a, b) for a, b in share]) for share in shares]:
             future.result()
 
 

@@ -61,16 +61,17 @@ class Kept:
 
 
 def _keep_above_(delta: torch.Tensor, value: float, first: int) -> None:
-    """Zero (keeping the sign, as τ·0 does) the entries with |τ| < v, and those equal to v before
-    local flat index `first`."""
-    mag = delta.abs().reshape(-1)
-    first = max(0, min(first, mag.numel()))
+    """Zero the entries with |τ| < v, and those equal to v before local flat index `first`: one
+    hard shrinkage in place per part (|τ| > v, then |τ| > the float below v, i.e. ≥ v). Dropped
+    entries become +0 where τ·0 would give −0 for a negative τ: the sums they enter all start
+    from +0, so no result changes."""
+    flat = delta.reshape(-1)
+    first = max(0, min(first, flat.numel()))
     if first:
-        torch.nn.functional.threshold_(mag[:first], value, 0.0)
-    if first < mag.numel():
-        below = float(np.nextafter(np.float32(value), np.float32(-np.inf)))  # > below: ≥ value
-        torch.nn.functional.threshold_(mag[first:], below, 0.0)
-    torch.copysign(mag.view(delta.shape), delta, out=delta)
+        torch.ops.aten.hardshrink.out(flat[:first], value, out=flat[:first])
+    if first < flat.numel():
+        below = float(np.nextafter(np.float32(value), np.float32(-np.inf)))
+        torch.ops.aten.hardshrink.out(flat[first:], below, out=flat[first:])
 
 
 def keep_count(n: int, density: float) -> int:
