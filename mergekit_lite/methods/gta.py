@@ -87,7 +87,9 @@ def disjoint_merge(weighted: Iterable[tuple[torch.Tensor, float]], sign: torch.T
     """
     sigma = sign.to(torch.float32).mul_(2).sub_(1) if sign.dtype == torch.bool else sign
     mixed = divisor = agree = None
+    smallest = float("inf")  # every weight > 0: a divisor is 0 (nothing agrees) or at least this
     for wd, w in weighted:
+        smallest = min(smallest, w)
         part = wd.mul_(sigma) if scratch else wd * sigma
         part.clamp_(min=0)
         if mixed is None:
@@ -102,7 +104,9 @@ def disjoint_merge(weighted: Iterable[tuple[torch.Tensor, float]], sign: torch.T
         raise ValueError("disjoint_merge needs at least one task vector")
     mixed.mul_(sigma)
     if normalize:
-        if min_divisor is None:  # a divisor of 0 counts as 1: add 1 − |sign(d)| (exactly 0 or 1)
+        if min_divisor is None and smallest > 0:  # where it is 0, mixed is 0: 0/w = 0/1
+            divisor.clamp_(min=smallest)
+        elif min_divisor is None:  # a divisor of 0 counts as 1: add 1 − |sign(d)| (exactly 0 or 1)
             divisor.add_(torch.sign(divisor, out=agree).abs_().neg_().add_(1.0))
         else:
             divisor.clamp_(min=min_divisor)
