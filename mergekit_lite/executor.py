@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import tiles
-from .buffers import BufferPool, limit_allocator_caching
+from .buffers import MIN_POOLED, BufferPool, limit_allocator_caching
 from .device import DeviceLink, pick_device  # noqa: F401  (pick_device re-exported)
 from .errors import BudgetExceeded
 from .graph import Compiled
@@ -172,11 +172,15 @@ class GroupRun:
         return self.res.compute
 
     def read(self, file: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor's bytes: mapped from the page cache when large and merged on the CPU (no copy),
+        else read into a pooled buffer (page-locked for a GPU)."""
         n = 1
         for d in shape:
             n *= d
-        buf = self.res.pool.take(n * dtype.itemsize)
-        tensor = self.res.reader.read(file, offset, shape, dtype, into=buf)
+        if self.res.link is None and n * dtype.itemsize > MIN_POOLED:
+            tensor = self.res.reader.map(file, offset, shape, dtype)
+        else:
+            tensor = self.res.reader.read(file, offset, shape, dtype, into=self.res.pool.take(n * dtype.itemsize))
         self._alive(tensor.nbytes)
         self.res.stats.count(read=tensor.nbytes)
         return tensor

@@ -230,3 +230,20 @@ def test_model_scope_from_python_sees_the_whole_model_even_for_one_tensor():
     assert torch.equal(merged.tensor(name), whole[name])
     per_tensor = base.ties([a, b], density=0.4).tensor(name)
     assert not torch.equal(per_tensor, whole[name])
+
+
+def test_mapped_reads_equal_positioned_reads_and_never_write_the_file(tmp_path):
+    from mergekit_lite.io.reader import TensorReader, open_model
+
+    reader = TensorReader()
+    model = open_model(os.path.join(CONFIGS, "models", "ft_math"))
+    for meta in model.tensors.values():
+        mapped = reader.map(meta.file, meta.offset, meta.shape, meta.dtype)
+        assert torch.equal(mapped, reader.read(meta.file, meta.offset, meta.shape, meta.dtype)), meta.name
+    meta = model.tensors["model.embed_tokens.weight"]
+    before = open(meta.file, "rb").read()
+    reader.map(meta.file, meta.offset + 4096, (2, 64), meta.dtype).fill_(7.0)  # copy-on-write
+    assert open(meta.file, "rb").read() == before
+    with pytest.raises(MergeError, match="truncated"):
+        reader.map(meta.file, os.path.getsize(meta.file) - 8, (4,), torch.float32)
+    reader.close()
