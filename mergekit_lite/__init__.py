@@ -9,6 +9,10 @@ Python API::
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/")
+
+    tuned = base.with_adapter("lora")                        # a PEFT adapter applied, as a model
+    mergekit_lite.merge_adapters(["lora_a", "lora_b"], base="base", method="concat").save("out/lora")
+    mergekit_lite.extract_lora("base", "math-ft", "out/extracted", rank=16)
 """
 
 __version__ = "0.1.0"
@@ -25,6 +29,8 @@ from .errors import (  # noqa: E402
 from .api import Expr, Model, TaskVector, merge  # noqa: E402
 from .stacking import LayerRange, stack  # noqa: E402
 from .merge import Options, compile_plan, run  # noqa: E402
+from .api_adapters import merge_adapters  # noqa: E402
+from .extract import extract_lora  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
 from .plan.schema import load_plan, parse_plan  # noqa: E402
 
@@ -36,6 +42,8 @@ __all__ = [
     "LayerRange",
     "stack",
     "merge",
+    "merge_adapters",
+    "extract_lora",
     "run",
     "compile_plan",
     "parse_plan",

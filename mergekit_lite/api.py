@@ -27,11 +27,12 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import open_one
+from .io.reader import ModelFiles
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
 from .merge import Options, compile_plan, execute
-from .plan.schema import Recipe, parse_plan
+from .plan.schema import ModelRef, Recipe, parse_plan
 
 if TYPE_CHECKING:
     from .stacking import LayerRange
@@ -169,11 +170,10 @@ class Expr:
     def recipe(self) -> Recipe:
         return parse_plan(self.to_plan(), "<python expression>")
 
-    def _files(self) -> dict[str, ModelFiles]:
-        out: dict[str, ModelFiles] = {}
+    def _files(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for leaf in self._leaves():
-            if leaf._model_files is not None:
-                out[str(leaf)] = leaf._model_files
+            out.update(leaf._opened())
         return out
 
     def _leaves(self) -> Iterator["Model"]:
@@ -242,8 +242,19 @@ class Model(Expr):
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_one(ModelRef(self.path, self.revision), os.getcwd())
         return self._model_files
+
+    def _opened(self) -> dict[str, Any]:
+        """The headers opened so far, keyed as a plan names them."""
+        return {str(self): self._model_files} if self._model_files is not None else {}
+
+    def with_adapter(self, adapter: str | os.PathLike, revision: str | None = None) -> "Model":
+        """This model with a PEFT adapter (LoRA or IA3) applied: the model PEFT's ``merge_and_unload``
+        gives, formed tensor by tensor while merging (lowers to ``model: BASE+ADAPTER``)."""
+        from .api_adapters import AdaptedModel
+
+        return AdaptedModel(self, os.fspath(adapter), revision)._checked()
 
 
 class TaskVector:
@@ -405,7 +416,7 @@ def _add_terms(terms: tuple[tuple[Expr, float], ...], more: tuple[tuple[Expr, fl
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    return isinstance(a, Model) and isinstance(b, Model) and (a.path, a.revision) == (b.path, b.revision)
+    return isinstance(a, Model) and isinstance(b, Model) and str(a) == str(b)  # path, revision and adapter
 
 
 def _no_number(op: str, other: Any):

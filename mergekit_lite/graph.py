@@ -37,6 +37,7 @@ from .ledger import plan_peak
 from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
+from .adapted import AdaptedSource
 from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
@@ -130,12 +131,13 @@ class OutputSpec:
     """One output folder: what it holds, how it is sharded, where its other files come from."""
 
     key: str  # "" for the main output, else the folder of a step's ``save:``
-    kind: str  # "model" (a Hugging Face model folder)
+    kind: str  # "model" (a Hugging Face model folder) or "adapter" (a PEFT adapter folder)
     tensors: tuple[PlannedTensor, ...]
     layout: ShardLayout
-    config: Mapping[str, Any]
+    config: Mapping[str, Any]  # config.json; for an adapter, adapter_config.json without the ranks
     tokenizer_folder: str | None  # folder whose tokenizer files are copied
     card: CardData
+    manifest: Any = None  # adapters: the ranks and errors of the modules, recorded while running
 
 
 @dataclass(frozen=True)
@@ -192,21 +194,33 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None) -> dict[str, StepCompiler]:
-    file_sources: dict[str, FileSource] = {}
+def _compile_steps(recipe: Recipe, files: Mapping[str, Any], seed: int | None) -> dict[str, StepCompiler]:
+    file_sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
     for step in recipe.steps:
-        sources: dict[ModelRef, Any] = {}
-        for ref in step.referenced_models():
-            if ref.revision is None and ref.path in compilers:
-                sources[ref] = StepSource(compilers[ref.path])
-            else:
-                if str(ref) not in file_sources:
-                    file_sources[str(ref)] = FileSource(ref, files[str(ref)])
-                sources[ref] = file_sources[str(ref)]
-        step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
-        compilers[step.name or ""] = StepCompiler(step, sources, step_seed)
+        sources = {ref: _source(ref, step, files, compilers, file_sources) for ref in step.referenced_models()}
+        compilers[step.name or ""] = StepCompiler(step, sources, step_seed(step, seed))
     return compilers
+
+
+def step_seed(step: MergePlan, seed: int | None) -> int:
+    """The seed of a step's random methods: the run's override, else the plan's, else 0."""
+    return seed if seed is not None else (step.seed if step.seed is not None else 0)
+
+
+def _source(ref: ModelRef, step: MergePlan, files: Mapping[str, Any], compilers: Mapping[str, StepCompiler],
+            cache: dict[str, Any]) -> Any:
+    """Where a step's model comes from: an earlier step, a model on disk, or either with an adapter
+    applied (:class:`~mergekit_lite.adapted.AdaptedSource`)."""
+    if ref.adapter is None and ref.revision is None and ref.path in compilers:
+        return StepSource(compilers[ref.path])
+    if str(ref) not in cache:
+        if ref.adapter is not None:
+            inner = _source(ref.base, step, files, compilers, cache)
+            cache[str(ref)] = AdaptedSource(ref, inner, files[str(ref.adapter)], step)
+        else:
+            cache[str(ref)] = FileSource(ref, files[str(ref)])
+    return cache[str(ref)]
 
 
 def _output_sinks(final: StepCompiler, dtype: torch.dtype | None, sink: str, only: Iterable[str] | None

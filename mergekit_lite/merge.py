@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .adapter_output import compile_adapter_output, finish_adapter_folder
 from .dtypes import parse_dtype
 from .errors import MergeError
 from .executor import Executor, Stats, auto_budget
@@ -84,6 +85,8 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
     if plan_dir is None and os.path.exists(recipe.file):
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files)
+    if recipe.output.output == "adapter":
+        return compile_adapter_output(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size())
 
@@ -122,7 +125,11 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
 
 
 def finish_folder(folder: str, spec: OutputSpec) -> None:
-    """The non-tensor files of an output folder: config, tokenizer, model card."""
+    """The non-tensor files of an output folder: config, tokenizer, model card (for an adapter:
+    adapter_config.json and its card)."""
+    if spec.kind == "adapter":
+        finish_adapter_folder(folder, spec)
+        return
     write_config(folder, dict(spec.config))
     copy_tokenizer(spec.tokenizer_folder, folder)
     card = spec.card

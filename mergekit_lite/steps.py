@@ -39,7 +39,7 @@ class StepSummary:
 
 
 def _is_step(ref: ModelRef, compilers: Mapping[str, Any]) -> bool:
-    return ref.revision is None and ref.path in compilers
+    return ref.revision is None and ref.path in compilers  # a step's name (perhaps with an adapter)
 
 
 def step_summaries(recipe: Recipe, compilers: Mapping[str, Any]) -> tuple[StepSummary, ...]:
@@ -72,7 +72,7 @@ def tokenizer_folder(comp: Any, compilers: Mapping[str, Any], files: Mapping[str
             step = compilers[ref.path]
             ref = tokenizer_ref(step.plan, step.layout.donor)
             continue
-        found = files.get(str(ref))
+        found = files.get(str(ref.base))  # base+adapter: the base's tokenizer
         return found.folder if found else None
     return None
 

@@ -48,19 +48,21 @@ def copy_tokenizer(src_folder: str | None, folder: str) -> list[str]:
 
 
 def write_card(folder: str, *, plan_text: str, method: str, models: Iterable[str], base: str | None,
-               paper: str = "") -> None:
+               paper: str = "", library: str = "transformers") -> None:
     """README.md with Hub metadata (a merge of the models it lists) and the plan that made it,
-    plus the plan itself as mergekit_config.yml (mergekit's name for it)."""
+    plus the plan itself as mergekit_config.yml (mergekit's name for it). `library` is the card's
+    library_name: ``peft`` for adapter folders."""
     hub_ids = [m for m in dict.fromkeys(models) if looks_like_repo_id(m.split("@")[0]) and not os.path.exists(m)]
     meta: dict[str, Any] = {}
     if hub_ids:
         meta["base_model"] = [m.split("@")[0] for m in hub_ids]
         meta["base_model_relation"] = "merge"
-    meta["library_name"] = "transformers"
+    meta["library_name"] = library
     meta["tags"] = ["merge", "mergekit", "mergekit-lite"]
     listing = "\n".join(f"- {m}" for m in dict.fromkeys(models))
     link = f"[{method}]({paper})" if paper else method
-    body = (f"# Merged model\n\nThis model was merged with mergekit-lite using the "
+    what = "adapter" if library == "peft" else "model"
+    body = (f"# Merged {what}\n\nThis {what} was merged with mergekit-lite using the "
             f"{link} merge method" + (f" with {base} as the base" if base else "") + ".\n\n"
             f"## Models merged\n\n{listing}\n\n## Plan\n\n```yaml\n{plan_text.rstrip()}\n```\n")
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as fh:

@@ -34,8 +34,10 @@ def looks_like_repo_id(path: str) -> bool:
     return bool(_REPO_ID.match(path)) and not path.startswith((".", "/", "~"))
 
 
-def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None) -> str:
-    """Local path of a model reference (downloading it from the Hub if it is a repo id)."""
+def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None,
+                  patterns: list[str] | None = None) -> str:
+    """Local path of a model reference (downloading it from the Hub if it is a repo id); `patterns`:
+    the files to download (default: :data:`HUB_PATTERNS`, what a model needs)."""
     expanded = os.path.expanduser(path)
     candidates = [expanded]
     if plan_dir and not os.path.isabs(expanded):
@@ -50,10 +52,10 @@ def resolve_model(path: str, revision: str | None = None, plan_dir: str | None =
         looked = " and ".join(os.path.abspath(c) for c in candidates)
         raise ModelNotFound(f"model '{path}' not found: no such file or folder ({looked}), and it is not a "
                             "Hugging Face repo id (org/name)")
-    return download(path, revision)
+    return download(path, revision, patterns)
 
 
-def download(repo_id: str, revision: str | None = None) -> str:
+def download(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> str:
     """snapshot_download of the files a merge needs; errors become ModelNotFound with the cause."""
     try:
         from huggingface_hub import snapshot_download
@@ -67,7 +69,7 @@ def download(repo_id: str, revision: str | None = None) -> str:
         raise ModelNotFound(f"{repo_id}: huggingface_hub is needed to download models ({exc})") from None
     ref = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns or HUB_PATTERNS)
     except RevisionNotFoundError:
         raise ModelNotFound(f"{ref}: the Hub repo has no revision '{revision}'") from None
     except GatedRepoError:

@@ -48,6 +48,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    bounded: bool = False  # the shape is an upper bound (a rank picked while merging): see ShardedWriter
 
     @property
     def nbytes(self) -> int:
@@ -64,19 +65,24 @@ class Shard:
 
 class ShardLayout:
     """Which tensor goes in which shard, in order, each shard at most `max_shard_size` bytes
-    (a tensor larger than that gets a shard of its own), named as Hugging Face names them."""
+    (a tensor larger than that gets a shard of its own), named as Hugging Face names them
+    (`basename` ``adapter_model`` for PEFT adapters)."""
 
-    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int):
-        groups: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if groups[-1] and size + t.nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int, basename: str = "model",
+                 groups: list[list[PlannedTensor]] | None = None):
+        self.basename = basename
+        if groups is None:
+            groups = [[]]
+            size = 0
+            for t in tensors:
+                if groups[-1] and size + t.nbytes > max_shard_size:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(t)
+                size += t.nbytes
         n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ([f"{basename}.safetensors"] if n == 1 else
+                 [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.shards = [Shard(name, group) for name, group in zip(names, groups)]
         # name -> (shard, absolute offset in the shard file, planned tensor)
         self.where: dict[str, tuple[Shard, int, PlannedTensor]] = {}
@@ -106,17 +112,22 @@ class ShardLayout:
 
 
 class ShardedWriter:
-    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets."""
+    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets.
+
+    A tensor planned with a ``bounded`` shape (the rank of a factor chosen by an error target while
+    merging) may arrive smaller; its bytes go to the start of the space planned for it, and
+    :meth:`finish` rewrites the shards that hold such tensors without the unused space."""
 
     def __init__(self, folder: str, layout: ShardLayout):
         self.folder = folder
         self.layout = layout
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
+        self._actual: dict[str, tuple[int, ...]] = {}  # bounded tensors written smaller than planned
         self._lock = threading.Lock()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
         for shard in layout.shards:
-            fd = os.open(os.path.join(folder, shard.file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(os.path.join(folder, shard.file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             _pwrite_all(fd, shard.header, 0)
             os.ftruncate(fd, len(shard.header) + shard.data_size)
             self._fds[shard.file] = fd
@@ -125,7 +136,10 @@ class ShardedWriter:
         """Write `tensor` at its planned place. A tensor in another dtype than planned (a float32
         result) is rounded chunk by chunk through a small reused buffer, never copied whole."""
         shard, offset, planned = self.layout.where[name]
-        if tuple(tensor.shape) != planned.shape or (tensor.dtype != planned.dtype and not (
+        shape = tuple(tensor.shape)
+        smaller = planned.bounded and len(shape) == len(planned.shape) and all(
+            a <= b for a, b in zip(shape, planned.shape))
+        if (shape != planned.shape and not smaller) or (tensor.dtype != planned.dtype and not (
                 tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
                                f"got {tuple(tensor.shape)} {tensor.dtype}")
@@ -133,6 +147,8 @@ class ShardedWriter:
             if name in self._written:
                 raise RuntimeError(f"tensor {name} written twice")
             self._written.add(name)
+            if shape != planned.shape:
+                self._actual[name] = shape
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.to("cpu", dtype=planned.dtype)
@@ -157,6 +173,8 @@ class ShardedWriter:
         missing = [t.name for s in self.layout.shards for t in s.tensors if t.name not in self._written]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        if self._actual:
+            self._compact()
         for fd in self._fds.values():
             os.fsync(fd)
         self.close()
@@ -166,6 +184,27 @@ class ShardedWriter:
                 json.dump(index, fh, indent=2)
                 fh.write("\n")
         return index
+
+    def _compact(self) -> None:
+        """Rewrite the shards holding tensors written smaller than planned: the layout of the actual
+        shapes, each tensor's bytes copied from the start of the space planned for it."""
+        old = self.layout
+        groups = [[PlannedTensor(t.name, self._actual.get(t.name, t.shape), t.dtype) for t in s.tensors]
+                  for s in old.shards]
+        self.layout = ShardLayout([], 0, old.basename, groups=groups)
+        for shard in self.layout.shards:
+            if not any(t.name in self._actual for t in shard.tensors):
+                continue
+            tmp = os.path.join(self.folder, shard.file + ".compact")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(fd, shard.header, 0)
+            src = self._fds[shard.file]
+            for t in shard.tensors:
+                data = os.pread(src, t.nbytes, old.where[t.name][1])
+                _pwrite_all(fd, data, self.layout.where[t.name][1])
+            os.close(src)
+            os.replace(tmp, os.path.join(self.folder, shard.file))
+            self._fds[shard.file] = fd
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -251,3 +251,4 @@ from . import karcher as _karcher  # noqa: E402,F401
 from . import model_stock as _model_stock  # noqa: E402,F401
 from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
+from . import concat as _concat  # noqa: E402,F401

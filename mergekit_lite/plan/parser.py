@@ -25,6 +25,7 @@ from ..dtypes import PLAN_DTYPES
 from ..errors import Issue
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
+from .refs import OVERRIDE, read_ref
 from .source import Document, Path
 
 STEP_KEYS = {
@@ -42,13 +43,16 @@ STEP_KEYS = {
     "name": "the step's name (multi-step plans)",
     "save": "also write this step's result to this folder (multi-step plans)",
     "seed": "seed of the random methods (DARE, DELLA)",
+    "output": "what the step writes: model (default), or adapter (the models are PEFT adapters of base_model)",
+    "rank": "adapter outputs: rank of the re-factorised modules (default: the largest input rank)",
+    "rank_error": "adapter outputs: per-module relative error target that picks each module's rank",
+    "log_space": "IA3 adapter outputs: merge the logarithms of the scaling vectors",
 }
-
-_LORA = "LoRA inputs and override_architecture are not supported yet"
+ADAPTER_OUTPUT_KEYS = ("rank", "rank_error", "log_space")
 
 # mergekit keys that mergekit-lite recognises but does not support: key -> why it is refused. Each
 # mapping that may hold one names it in its Keys' `refused` below; a model reference written as a
-# mapping refuses lora and override_architecture (StepParser.model_ref_mapping).
+# mapping refuses override_architecture (:mod:`mergekit_lite.plan.refs`).
 UNSUPPORTED_KEYS = {
     # a step
     "modules": "multi-module (vision-language) plans are not supported yet",
@@ -56,8 +60,7 @@ UNSUPPORTED_KEYS = {
                  "use tokenizer_source: base or a model",
     "chat_template": "chat templates are not supported yet; the tokenizer donor's template is copied",
     # a model reference written as a mapping
-    "lora": _LORA,
-    "override_architecture": _LORA,
+    "override_architecture": OVERRIDE,
 }
 
 
@@ -85,9 +88,6 @@ STEP = Keys(tuple(STEP_KEYS), "unknown key '{key}'; allowed keys: {allowed}",
 RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: {allowed}")
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
 UPSCALE = Keys(("model", "copies", "drop"), "unknown key '{key}'; allowed: {allowed}")
-# mergekit's ModelReference: {model: {path, revision}, lora: ..., override_architecture: ...}; the
-# last two are refused (StepParser.model_ref_mapping)
-MODEL_REF_KEYS = {"model", "lora", "override_architecture"}
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,8 @@ class StepParser:
         self.check_keys((), self.data, STEP)
         values = {key: read(self, key) for key, read in self.READERS.items()}
         self.check_one_form()
+        if values["output"] == "adapter":
+            self.check_adapter_inputs(values)
         if len(self.issues) > n_before or self.method is None:
             return None
         plan = MergePlan(**values, doc=self.doc, prefix=self.prefix)
@@ -198,6 +200,46 @@ class StepParser:
 
     def seed(self, key: str) -> int | None:
         return check_seed(self.doc, self.prefix + (key,), self.data.get(key), self.issues)
+
+    def output(self, key: str) -> str:
+        value = self.data.get(key, "model")
+        if value not in ("model", "adapter"):
+            self.report((key,), f"output is 'model' or 'adapter', got {value!r}")
+            return "model"
+        if value == "adapter":
+            for other in ("slices", "depth_upscale", "tokenizer_source", "embed_source", "head_source"):
+                if other in self.data:
+                    self.report((other,), f"{other} does not apply to output: adapter (a list of adapters under "
+                                "models:, merged into one adapter of base_model)")
+            if self.data.get("base_model") is None:
+                self.report((), "output: adapter needs base_model: the model the adapters were trained on")
+        else:
+            for other in ADAPTER_OUTPUT_KEYS:
+                if other in self.data:
+                    self.report((other,), f"{other} applies to adapter outputs only (output: adapter)")
+        return value
+
+    def rank(self, key: str) -> int | None:
+        value = self.data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            self.report((key,), f"rank must be a positive integer, got {value!r}")
+            return None
+        return value
+
+    def rank_error(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < 1):
+            self.report((key,), f"rank_error is a relative Frobenius error in (0, 1), e.g. 0.05; got {value!r}")
+            return None
+        return None if value is None else float(value)
+
+    def log_space(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if not isinstance(value, bool):
+            self.report((key,), f"log_space is true or false, got {value!r}")
+            return False
+        return value
 
     def base_model(self, key: str) -> ModelRef | None:
         if self.data.get(key) is None:
@@ -264,6 +306,10 @@ class StepParser:
         "name": name,
         "save": save,
         "seed": seed,
+        "output": output,
+        "rank": rank,
+        "rank_error": rank_error,
+        "log_space": log_space,
         "base_model": base_model,
         "tokenizer_source": tokenizer_source,
         "parameters": parameters,
@@ -273,6 +319,15 @@ class StepParser:
         "embed_source": donor,
         "head_source": donor,
     }
+
+    def check_adapter_inputs(self, values: dict[str, Any]) -> None:
+        """In an adapter output, models are adapters of base_model, named alone."""
+        named = [(("base_model",), values["base_model"])] + [
+            (m.path[len(self.prefix):] + ("model",), m.model) for m in values["models"] or ()]
+        for path, ref in named:
+            if ref is not None and ref.adapter is not None:
+                self.report(path, f"'{ref}': in an adapter output, name each adapter alone under models: and "
+                            "their common base once, as base_model")
 
     def check_one_form(self) -> None:
         given = [k for k in ("models", "slices", "depth_upscale") if k in self.data]
@@ -381,40 +436,5 @@ class StepParser:
         return raw
 
     def model_ref(self, path: Path, value: Any) -> ModelRef | None:
-        """A model reference: ``path``, ``org/name@revision`` or ``{path, revision}``."""
-        if isinstance(value, dict):
-            return self.model_ref_mapping(path, value)
-        if not isinstance(value, str) or not value.strip():
-            self.report(path, f"expected a model path or Hugging Face repo id, got {value!r}")
-            return None
-        value = value.strip()
-        if "+" in value and not os.path.exists(value):
-            self.report(path, f"'{value}' names a LoRA adapter (model+lora); LoRA inputs are not supported yet")
-            return None
-        if "@" in value and not os.path.exists(value):
-            repo, _, rev = value.rpartition("@")
-            if not repo or not rev:
-                self.report(path, f"'{value}': expected org/name@revision")
-                return None
-            return ModelRef(repo, rev)
-        return ModelRef(value)
-
-    def model_ref_mapping(self, path: Path, value: dict) -> ModelRef | None:
-        """``{path, revision}``, or mergekit's ``{model: {path, revision}, lora, override_architecture}``."""
-        inner = value.get("model", value) if set(value) <= MODEL_REF_KEYS else value
-        refused = None
-        if isinstance(value.get("lora"), str):
-            refused = "lora"
-        elif value.get("override_architecture"):
-            refused = "override_architecture"
-        if refused is not None:
-            self.report(path, UNSUPPORTED_KEYS[refused])
-            return None
-        if isinstance(inner, dict) and isinstance(inner.get("path"), str) and set(inner) <= {"path", "revision"}:
-            rev = inner.get("revision")
-            if rev is not None and not isinstance(rev, str):
-                self.report(path + ("revision",), f"a revision is a string, got {rev!r}")
-                return None
-            return ModelRef(inner["path"], rev)
-        self.report(path, "expected a model path or repo id (a string), or {path: ..., revision: ...}")
-        return None
+        """A model reference in any form :mod:`mergekit_lite.plan.refs` reads (adapters included)."""
+        return read_ref(self.report, path, value)

@@ -68,6 +68,9 @@ def parse_plan(text: str, file: str = "<plan>") -> Recipe:
             step = StepParser(doc, doc.data, (), issues, warnings).parse()
             if step is not None:
                 steps.append(step)
+    if len(steps) > 1:
+        issues.extend(s.issue(("output",), "output: adapter is for single-step plans; merge the adapters in a "
+                              "plan of their own") for s in steps if s.output == "adapter")
     if issues:
         raise PlanError(issues)
     if seed is not None:
