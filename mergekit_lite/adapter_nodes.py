@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .dtypes import element_size, numel
-from .lowrank import F32, fold_lora, ia3_scale, lora_delta, stack_factors, svd_workspace, truncated_svd
+from .lowrank import F32, fold_lora, fold_workspace, ia3_scale, lora_delta, stack_factors, svd_workspace, truncated_svd
 from .nodes import NodeBase, Spec, node_kind
 
 
@@ -85,9 +85,9 @@ class FoldLora(NodeBase):
 
     @property
     def workspace_bytes(self) -> int:
-        """Factors upcast, the delta and the float32 sum, and the rounded copy."""
+        """Factors upcast, the delta (the float32 sum is formed in it), and the rounded copy."""
         rounded = numel(self.shape) * element_size(self.dtype) if self.dtype != F32 else 0
-        return _f32(self.a.shape, self.b.shape, self.shape, self.shape) + rounded
+        return fold_workspace(self.a.shape, self.b.shape, self.shape, self.transpose) + rounded
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():

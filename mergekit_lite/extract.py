@@ -54,11 +54,11 @@ def extract_lora(base: str, finetuned: str, out: str | os.PathLike, *, rank: int
     options = Options(device=device, max_memory=max_memory, overwrite=overwrite, quiet=quiet, dtype=dtype)
     b, f = (open_one(_ref(x), os.getcwd()) for x in (base, finetuned))
     kinds = _classify(b, f, embed_lora)
-    changed = _changed(b, f, [n for n, k in kinds.items() if k == "whole"], options)
+    changed = _changed(b, f, [n for n, k in kinds.items() if k != "linear"], options)
     compiled = _compile(base, finetuned, b, f, kinds, changed, rank, rank_error, options)
     stats = execute(compiled, os.fspath(out), options)
     spec = compiled.outputs[0]
-    return AdapterResult(stats, spec.manifest, tuple(sorted(changed)))
+    return AdapterResult(stats, spec.manifest, tuple(sorted(n for n in changed if kinds[n] == "whole")))
 
 
 def _ref(text: str) -> ModelRef:
@@ -109,11 +109,12 @@ def _compile(base_name: str, ft_name: str, base: ModelFiles, ft: ModelFiles, kin
     out_dtype = options.torch_dtype() or torch.float32
     sinks, planned, modules = [], [], set()
     for name, kind in kinds.items():
+        if kind != "linear" and name not in changed:
+            continue  # an unchanged embedding, norm, bias ...: nothing to save
         if kind == "whole":
-            if name in changed:
-                meta = ft.tensors[name]
-                planned.append(PlannedTensor(PREFIX + name, meta.shape, meta.dtype))
-                sinks.append(Write("", PREFIX + name, load(meta, name, "fine-tune"), meta.dtype, name))
+            meta = ft.tensors[name]
+            planned.append(PlannedTensor(PREFIX + name, meta.shape, meta.dtype))
+            sinks.append(Write("", PREFIX + name, load(meta, name, "fine-tune"), meta.dtype, name))
             continue
         module = name.removesuffix(".weight")
         modules.add(module)
@@ -127,7 +128,7 @@ def _compile(base_name: str, ft_name: str, base: ModelFiles, ft: ModelFiles, kin
             sinks.append(Write("", f"{PREFIX}{module}.{part}", pick, out_dtype, name))
     graph, groups, needs = assemble(sinks)
     base_modules = {n.removesuffix(".weight") for n in base.tensors if n.endswith(".weight")}
-    saved = sorted({n.rsplit(".", 1)[0] for n in changed})
+    saved = sorted({n.rsplit(".", 1)[0] for n in changed if kinds[n] == "whole"})
     config = {"peft_type": "LORA", "base_model_name_or_path": base_name, "task_type": "CAUSAL_LM",
               "target_modules": target_modules(modules, base_modules), "modules_to_save": saved or None,
               "fan_in_fan_out": conv1d, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,

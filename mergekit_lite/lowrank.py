@@ -38,12 +38,24 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool
 
 def fold_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool,
               dtype: torch.dtype) -> torch.Tensor:
-    """W + scaling · B @ A, summed in float32 and rounded once to `dtype` (PEFT's merge)."""
+    """W + scaling · B @ A, summed in float32 and rounded once to `dtype` (PEFT's merge). The sum is
+    formed in the delta's buffer (float addition commutes: the same bits as W + ΔW), except for a
+    transposed delta, whose sum gets a buffer of its own so that the result is contiguous."""
     delta = lora_delta(a, b, scaling, transpose)
-    out = torch.empty(w.shape, dtype=F32, device=w.device)
-    torch.add(w, delta, out=out)
-    del delta
+    if transpose:
+        out = torch.empty(w.shape, dtype=F32, device=w.device)
+        torch.add(w, delta, out=out)
+        del delta
+    else:
+        out = delta.add_(w)
     return out if dtype == F32 else out.to(dtype)
+
+
+def fold_workspace(a: tuple[int, ...], b: tuple[int, ...], shape: tuple[int, ...], transpose: bool) -> int:
+    """Float32 bytes :func:`fold_lora` holds at once: the factors upcast, the delta, and (transposed)
+    the separate sum."""
+    n = shape[0] * shape[1]
+    return 4 * (a[0] * a[1] + b[0] * b[1] + n * (2 if transpose else 1))
 
 
 def ia3_scale(w: torch.Tensor, vector: torch.Tensor, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
