@@ -99,20 +99,27 @@ class AdaptedSource:
 
 
 class DeltaSource:
-    """An adapter as a task vector over `shapes` (the modules any adapter of the plan changes)."""
+    """An adapter as a task vector over `shapes` (the modules any adapter of the plan changes);
+    the `whole` tensors (some adapter's modules_to_save) are full tensors: this adapter's, or the
+    base's where it does not replace them."""
 
     def __init__(self, ref: ModelRef, adapter: AdapterFiles, placed: dict[str, Placement],
-                 shapes: dict[str, tuple[int, ...]], base: SourceInfo, log_space: bool = False):
+                 shapes: dict[str, tuple[int, ...]], base: Any, whole: set[str], log_space: bool = False):
         self.ref = ref
         self.adapter = adapter
         self.placed = placed
         self.shapes = shapes
+        self.base = base
+        self.whole = whole
         self.log_space = log_space
         self.label = adapter.label
         tensors = {n: TensorInfo(s, torch.float32) for n, s in shapes.items()}
-        self.info = SourceInfo(self.label, tensors, base.config, base.arch)
+        self.info = SourceInfo(self.label, tensors, base.info.config, base.info.arch)
 
     def node(self, tensor: str, group: str) -> NodeBase:
+        if tensor in self.whole:
+            meta = self.adapter.replaced.get(tensor)
+            return load(meta, group, self.label) if meta is not None else self.base.node(tensor, group)
         place = self.placed.get(tensor)
         shape = self.shapes[tensor]
         if place is None:
@@ -126,18 +133,23 @@ class DeltaSource:
 
 
 class ConstantSource:
-    """The base of a merge in delta space: every tensor is the identity (zeros; ones for IA3)."""
+    """The base of a merge in delta space: every tensor is the identity (zeros; ones for IA3),
+    but the `whole` tensors, which are the base's own."""
 
-    def __init__(self, ref: ModelRef, shapes: dict[str, tuple[int, ...]], base: SourceInfo, kind: str,
+    def __init__(self, ref: ModelRef, shapes: dict[str, tuple[int, ...]], base: Any, whole: set[str], kind: str,
                  log_space: bool = False):
         self.ref = ref
         self.shapes = shapes
+        self.base = base
+        self.whole = whole
         self.value = identity(kind, log_space)
         self.label = f"model '{ref}'"
         tensors = {n: TensorInfo(s, torch.float32) for n, s in shapes.items()}
-        self.info = SourceInfo(self.label, tensors, base.config, base.arch)
+        self.info = SourceInfo(self.label, tensors, base.info.config, base.info.arch)
 
     def node(self, tensor: str, group: str) -> NodeBase:
+        if tensor in self.whole:
+            return self.base.node(tensor, group)
         return Constant(self.value, tensor, group, self.shapes[tensor])
 
 

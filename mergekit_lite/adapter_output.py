@@ -69,19 +69,24 @@ def compile_adapter_output(recipe: Recipe, files: Mapping[str, Any], *, seed: in
     adapters: dict[ModelRef, AdapterFiles] = {m.model: files[str(m.model)] for m in step.models}
     kind = _check_kinds(step, adapters)
     placed = {ref: placements(a, base.info, step, ref) for ref, a in adapters.items()}
-    warnings = _check_replaced(step, adapters, placed)
+    whole, warnings = _whole(step, adapters, placed)
     shapes = _union(step, base, placed, kind)
-    comp = _delta_compiler(step, base, adapters, placed, shapes, kind, step_seed(step, seed))
+    shapes.update((n, base.info.tensors[n].shape) for n in whole)
+    comp = _delta_compiler(step, base, adapters, placed, shapes, whole, kind, step_seed(step, seed))
     manifest = Manifest()
     written = step.out_dtype or step.dtype
-    out_dtype = dtype or (parse_dtype(written) if written else torch.float32)
+    out_dtype = dtype or (parse_dtype(written) if written else None)
     sinks, planned = [], []
     for ot in comp.layout.tensors:
-        for name, node, bounded in _outputs(step, comp, ot, placed, manifest, kind):
-            planned.append(PlannedTensor(name, tuple(node.shape), out_dtype, bounded))
-            sinks.append(Write("", name, node, out_dtype, ot.name))
+        if ot.name in whole:  # merged whole, saved whole (in the base's dtype unless told otherwise)
+            outs = [(PREFIX + ot.name, comp.node(ot.name, ot.name), False, base.info.tensors[ot.name].dtype)]
+        else:
+            outs = [(*o, torch.float32) for o in _outputs(step, comp, ot, placed, manifest, kind)]
+        for name, node, bounded, natural in outs:
+            planned.append(PlannedTensor(name, tuple(node.shape), out_dtype or natural, bounded))
+            sinks.append(Write("", name, node, out_dtype or natural, ot.name))
     graph, groups, needs = assemble(sinks)
-    config = static_config(step, kind, adapters, placed, base)
+    config = static_config(step, kind, adapters, placed, base, whole)
     card = card_data(recipe, step, {})
     spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config, None,
                       card, manifest)
@@ -108,21 +113,24 @@ def _check_kinds(step: MergePlan, adapters: Mapping[ModelRef, AdapterFiles]) -> 
     return kind
 
 
-def _check_replaced(step: MergePlan, adapters: Mapping[ModelRef, AdapterFiles],
-                    placed: Mapping[ModelRef, dict[str, Placement]]) -> list[str]:
-    """Full tensors an adapter carries: saved embedding layers are left out (with a warning);
-    modules_to_save cannot be merged into an adapter output."""
+def _whole(step: MergePlan, adapters: Mapping[ModelRef, AdapterFiles],
+           placed: Mapping[ModelRef, dict[str, Placement]]) -> tuple[set[str], list[str]]:
+    """Tensors some adapter replaces whole (modules_to_save): they are merged as full tensors (the
+    base's where an adapter does not replace them) and saved whole. Saved embedding layers under a
+    LoRA (PEFT's save_embedding_layers) are taken to be the base's, with a warning."""
+    whole: set[str] = set()
     warnings = []
     for ref, adapter in adapters.items():
-        full = [n for n in adapter.replaced if n not in placed[ref]]
-        if full:
-            raise PlanError(step.issue(ref_path(step, ref), f"{adapter.label} replaces whole tensors "
-                                       f"(modules_to_save: {', '.join(full[:3])}); an adapter output cannot merge "
-                                       "them: fold this adapter into its base with BASE+ADAPTER instead"))
-        if adapter.replaced:
-            warnings.append(f"{adapter.label} also stores its base's {', '.join(sorted(adapter.replaced))} (saved "
-                            "embedding layers); the output adapter leaves them out and uses base_model's")
-    return warnings
+        whole.update(n for n in adapter.replaced if n not in placed[ref])
+        layers = sorted(n for n in adapter.replaced if n in placed[ref])
+        if layers:
+            warnings.append(f"{adapter.label} also stores its base's {', '.join(layers)} (saved embedding layers); "
+                            "the output adapter leaves them out and uses base_model's")
+    clash = sorted(n for n in whole if any(n in found for found in placed.values()))
+    if clash:
+        raise PlanError(step.issue(("models",), f"{clash[0]} is saved whole by one adapter (modules_to_save) and "
+                                   "adapted by another; an adapter output cannot hold both"))
+    return whole, warnings
 
 
 def _union(step: MergePlan, base: FileSource, placed: Mapping[ModelRef, dict[str, Placement]],
@@ -154,17 +162,18 @@ def _layout_text(how: tuple) -> str:
 
 
 def _delta_compiler(step: MergePlan, base: FileSource, adapters: Mapping[ModelRef, AdapterFiles],
-                    placed: Mapping[ModelRef, dict[str, Placement]], shapes: dict[str, tuple[int, ...]], kind: str,
-                    seed: int) -> StepCompiler:
-    """The step as a merge of task vectors over a zero base (IA3: vectors over the identity); the
-    written dtype applies to the factors, so the merge itself stays in float32."""
+                    placed: Mapping[ModelRef, dict[str, Placement]], shapes: dict[str, tuple[int, ...]],
+                    whole: set[str], kind: str, seed: int) -> StepCompiler:
+    """The step as a merge of task vectors over a zero base (IA3: vectors over the identity), and of
+    the `whole` tensors over the base's; the written dtype applies to the factors, so the merge
+    itself stays in float32."""
     method = methods.get(step.merge_method)
     plan = dataclasses.replace(step, dtype=None, out_dtype=None,
                                base_model=step.base_model if method.base != "none" else None)
-    sources: dict[ModelRef, Any] = {ref: DeltaSource(ref, a, placed[ref], shapes, base.info, step.log_space)
+    sources: dict[ModelRef, Any] = {ref: DeltaSource(ref, a, placed[ref], shapes, base, whole, step.log_space)
                                     for ref, a in adapters.items()}
     if plan.base_model is not None:
-        sources[plan.base_model] = ConstantSource(plan.base_model, shapes, base.info, kind, step.log_space)
+        sources[plan.base_model] = ConstantSource(plan.base_model, shapes, base, whole, kind, step.log_space)
     return StepCompiler(plan, sources, seed)
 
 
@@ -200,7 +209,8 @@ def _outputs(step: MergePlan, comp: StepCompiler, ot: OutputTensor, placed: Mapp
 
 
 def static_config(step: MergePlan, kind: str, adapters: Mapping[ModelRef, AdapterFiles],
-                  placed: Mapping[ModelRef, dict[str, Placement]], base: FileSource) -> dict[str, Any]:
+                  placed: Mapping[ModelRef, dict[str, Placement]], base: FileSource, whole: set[str]
+                  ) -> dict[str, Any]:
     """adapter_config.json but the ranks (known once the modules are factorised)."""
     mods = {p.module.module: p for found in placed.values() for name, p in found.items()
             if not name.endswith(".bias")}
@@ -212,7 +222,7 @@ def static_config(step: MergePlan, kind: str, adapters: Mapping[ModelRef, Adapte
         "task_type": _common(a.config.get("task_type") for a in adapters.values()),
         "target_modules": target_modules(set(mods), base_modules),
         "fan_in_fan_out": any(p.transpose and not getattr(p.module, "embedding", False) for p in mods.values()),
-        "modules_to_save": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in whole}) or None,
         "inference_mode": True,
     }
     if kind == "ia3":

@@ -18,7 +18,7 @@ from mergekit_lite.errors import PlanError
 from mergekit_lite.example_adapters import LORA_DEFAULTS, lora_tensors, save_adapter
 from mergekit_lite.examples import LLAMA_CONFIG, llama_shapes
 
-from conftest import REPO, write_plan
+from conftest import REPO, load_dir, write_plan
 
 CONFIGS = os.path.join(REPO, "merge_configs")
 BASE = os.path.join(CONFIGS, "models", "base")
@@ -208,12 +208,29 @@ def test_adapter_keys_outside_adapter_outputs_and_multi_step_adapter_outputs_are
                                  f"merge_method: concat\nbase_model: {BASE}\nmodels:\n  - model: {ATTN}\n")
 
 
-def test_modules_to_save_cannot_be_merged_into_an_adapter(tmp_path):
+def test_modules_to_save_are_merged_whole_over_the_base(tmp_path):
+    """An adapter's modules_to_save tensor is a full tensor R: concat gives W + Σ wᵢ(Rᵢ − W), where an
+    adapter without it counts as the base's W; the output saves it whole and says so."""
     shapes = llama_shapes(LLAMA_CONFIG)
     ts = lora_tensors(shapes, ["q_proj"], {"*": 2}, 1)
-    ts["model.norm.weight"] = np.ones(64, np.float32)
+    norm = np.random.default_rng(3).normal(1, 0.1, 64).astype(np.float32)
+    ts["model.norm.weight"] = norm
     folder = save_adapter(str(tmp_path / "ad"), dict(LORA_DEFAULTS, r=2, lora_alpha=2, modules_to_save=["norm"]), ts)
+    out = run(tmp_path, f"output: adapter\nmerge_method: concat\nbase_model: {BASE}\nmodels:\n"
+                        f"  - {{model: {folder}, parameters: {{weight: 0.7}}}}\n"
+                        f"  - {{model: {ATTN}, parameters: {{weight: 0.5}}}}\n")
+    cfg, prods, ranks = written(out)
+    assert cfg["modules_to_save"] == ["model.norm"] and ranks["model.layers.0.self_attn.q_proj"] == 2 + 8
+    base_norm = load_dir(BASE)["model.norm.weight"].double().numpy()
+    got = load_file(os.path.join(out, "adapter_model.safetensors"))[P + "model.norm.weight"].double().numpy()
+    assert rel(got, base_norm + 0.7 * (norm - base_norm)) < 1e-6
+    # lm_head adapted (LoRA) by one adapter and saved whole by another: refused
+    lora_head = save_adapter(str(tmp_path / "head"), dict(LORA_DEFAULTS, r=2, lora_alpha=2),
+                             lora_tensors(shapes, ["lm_head"], {"*": 2}, 2))
+    whole_head = save_adapter(str(tmp_path / "whole"),
+                              dict(LORA_DEFAULTS, r=2, lora_alpha=2, modules_to_save=["norm", "lm_head"]),
+                              dict(ts, **{"lm_head.weight": np.zeros((256, 64), np.float32)}))
     plan = write_plan(tmp_path, f"output: adapter\nmerge_method: concat\nbase_model: {BASE}\nmodels:\n"
-                                f"  - model: {folder}\n  - model: {ATTN}\n")
-    with pytest.raises(PlanError, match=r"replaces whole tensors \(modules_to_save: model.norm.weight\)"):
+                                f"  - model: {lora_head}\n  - model: {whole_head}\n", "clash.yml")
+    with pytest.raises(PlanError, match="lm_head.weight is saved whole by one adapter"):
         mergekit_lite.compile_plan(plan)

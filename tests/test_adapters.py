@@ -76,10 +76,12 @@ def test_example_adapters_are_read_with_their_ranks_and_scalings():
 
 def test_keys_with_the_adapter_name_map_to_the_same_base_tensors(tmp_path):
     ts = lora_tensors(LLAMA, ["q_proj"], {"*": 2}, 1)
-    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in ts.items()}
+    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+             for k, v in ts.items()}
     plain = open_adapter(save_adapter(str(tmp_path / "plain"), dict(LORA_DEFAULTS, r=2, lora_alpha=4), ts))
     withname = open_adapter(save_adapter(str(tmp_path / "named"), dict(LORA_DEFAULTS, r=2, lora_alpha=4), named))
-    assert set(plain.modules) == set(withname.modules) == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)}
+    expected = {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)}
+    assert set(plain.modules) == set(withname.modules) == expected
 
 
 @pytest.mark.parametrize("change, message", [

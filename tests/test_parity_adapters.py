@@ -50,7 +50,8 @@ PLANS = {
 def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter-parity")
     paths = {"base": os.path.join(CONFIGS, "models", "base"), "ft": os.path.join(CONFIGS, "models", "ft_math"),
-             "attn": os.path.join(CONFIGS, "adapters", "lora_attn"), "mlp": os.path.join(CONFIGS, "adapters", "lora_mlp"),
+             "attn": os.path.join(CONFIGS, "adapters", "lora_attn"),
+             "mlp": os.path.join(CONFIGS, "adapters", "lora_mlp"),
              "ia3": os.path.join(CONFIGS, "adapters", "ia3")}
     bf16 = {k: v.to(torch.bfloat16) for k, v in load_dir(paths["base"]).items()}
     paths["bf16"] = save_model(str(root / "bf16"), bf16, dict(LLAMA_CONFIG, torch_dtype="bfloat16"))
