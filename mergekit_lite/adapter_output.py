@@ -106,6 +106,9 @@ def _check_kinds(step: MergePlan, adapters: Mapping[ModelRef, AdapterFiles]) -> 
                          "linear"))
     if kind == "ia3" and (step.rank is not None or step.rank_error is not None):
         problems.append((("rank" if step.rank is not None else "rank_error",), "IA3 adapters have no rank"))
+    if kind == "lora" and step.merge_method == "concat" and (step.rank is not None or step.rank_error is not None):
+        problems.append((("rank" if step.rank is not None else "rank_error",), "concat is exact at rank Σ rᵢ; rank "
+                         "and rank_error apply to the methods whose result is re-factorised"))
     if kind == "lora" and step.log_space:
         problems.append((("log_space",), "log_space applies to IA3 adapters (scaling vectors), not to LoRA"))
     if problems:

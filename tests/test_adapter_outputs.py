@@ -187,6 +187,7 @@ def test_python_merge_adapters_is_the_plan(tmp_path):
     ("merge_method: linear\nmodels:\n  - model: {attn}\n  - model: {ia3}\n", "models", "mix LoRA and IA3"),
     ("merge_method: linear\nmodels:\n  - model: {attn}\nlog_space: true\n", "log_space", "applies to IA3"),
     ("merge_method: linear\nmodels:\n  - model: {ia3}\nrank: 4\n", "rank", "IA3 adapters have no rank"),
+    ("merge_method: concat\nmodels:\n  - model: {attn}\nrank_error: 0.1\n", "rank_error", "concat is exact"),
     ("merge_method: linear\nmodels:\n  - model: {base}+{attn}\n", "models[0].model", "name each adapter alone"),
 ])
 def test_adapter_output_mistakes_are_plan_errors(tmp_path, text, where, message):

@@ -121,3 +121,20 @@ def test_command_line_prints_each_module_and_the_overall_error(pair, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mergekit_lite", "extract-lora", "--base", base_path, "--finetuned",
                           ft_path, "--rank-error", "2", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--rank-error" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mergekit_extract_lora_flags_run_the_same_extraction(pair, tmp_path):
+    base_path, ft_path, _, _ = pair
+    mine = str(tmp_path / "mine")
+    extract_lora(base_path, ft_path, mine, rank=4)
+    os.makedirs(tmp_path / "mk")  # mergekit writes into an existing (empty) folder
+    r = subprocess.run([sys.executable, "-m", "mergekit_lite.compat_extract", "--model", ft_path, "--base-model",
+                        base_path, "--out-path", str(tmp_path / "mk"), "--max-rank", "4", "--no-embed-lora"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    same = [open(os.path.join(d, "adapter_model.safetensors"), "rb").read() for d in (mine, str(tmp_path / "mk"))]
+    assert same[0] == same[1]
+    bad = subprocess.run([sys.executable, "-m", "mergekit_lite.compat_extract", "--model", ft_path, "--base-model",
+                          base_path, "--out-path", str(tmp_path / "x"), "--sv-epsilon", "0.1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--sv-epsilon: use mergekit-lite extract-lora --rank-error" in bad.stderr
