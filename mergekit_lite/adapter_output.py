@@ -48,15 +48,18 @@ ONE_FILE = 1 << 62  # PEFT reads one adapter_model.safetensors: never shard it
 @dataclass
 class AdapterResult:
     """What writing an adapter did: the run's stats, each module's rank and error, the tensors
-    saved whole (extraction's modules_to_save)."""
+    saved whole (extraction's modules_to_save) and those left out."""
 
     stats: Any
     manifest: Manifest
     saved: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # changed tensors an adapter cannot hold (biases of LoRA modules)
 
     def report(self) -> str:
         saved = f"\nsaved whole (modules_to_save): {', '.join(self.saved)}" if self.saved else ""
-        return manifest_report(self.manifest) + saved
+        dropped = (f"\nnot represented (biases of LoRA modules; PEFT LoRA has no bias): {', '.join(self.dropped)}"
+                   if self.dropped else "")
+        return manifest_report(self.manifest) + saved + dropped
 
 
 def compile_adapter_output(recipe: Recipe, files: Mapping[str, Any], *, seed: int | None = None,

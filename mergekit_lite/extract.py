@@ -10,7 +10,8 @@
   factors are stored in float32 by default (mergekit stores them in the model's dtype);
 - embeddings and the output head, and every other tensor (norms, biases), are compared first, in a
   streamed pass, and those that differ are saved whole (``modules_to_save``); with ``--embed-lora``
-  embeddings get an embedding LoRA and the head a LoRA instead;
+  embeddings get an embedding LoRA and the head a LoRA instead. The bias of a LoRA module cannot
+  be saved beside its LoRA (PEFT wraps a module once), so a changed one is reported, not kept;
 - the report gives each module's rank and relative Frobenius error ‖Δ − BA‖/‖Δ‖, and the error over
   all modules together.
 """
@@ -58,7 +59,8 @@ def extract_lora(base: str, finetuned: str, out: str | os.PathLike, *, rank: int
     compiled = _compile(base, finetuned, b, f, kinds, changed, rank, rank_error, options)
     stats = execute(compiled, os.fspath(out), options)
     spec = compiled.outputs[0]
-    return AdapterResult(stats, spec.manifest, tuple(sorted(n for n in changed if kinds[n] == "whole")))
+    return AdapterResult(stats, spec.manifest, tuple(sorted(n for n in changed if kinds[n] == "whole")),
+                         tuple(sorted(n for n in changed if kinds[n] == "bias")))
 
 
 def _ref(text: str) -> ModelRef:
@@ -67,8 +69,9 @@ def _ref(text: str) -> ModelRef:
 
 
 def _classify(base: ModelFiles, ft: ModelFiles, embed_lora: bool) -> dict[str, str]:
-    """Each tensor of the fine-tune: "linear" (LoRA), "embedding" (embedding LoRA), or "whole"
-    (saved whole if it differs). Names and shapes must match the base's."""
+    """Each tensor of the fine-tune: "linear" (LoRA), "embedding" (embedding LoRA), "whole" (saved
+    whole if it differs) or "bias" (of a LoRA module: reported if it differs, not represented).
+    Names and shapes must match the base's."""
     missing = sorted(set(ft.tensors) ^ set(base.tensors))
     if missing:
         raise TensorNotFound(f"the models have different tensors, e.g. {missing[0]}; extraction needs a fine-tune "
@@ -85,6 +88,9 @@ def _classify(base: ModelFiles, ft: ModelFiles, embed_lora: bool) -> dict[str, s
             kinds[name] = "whole"
         else:
             kinds[name] = "embedding" if section == "pre" else "linear"
+    for name in kinds:  # the bias of a LoRA module cannot be saved whole beside it (PEFT wraps a module once)
+        if name.endswith(".bias") and kinds.get(name.removesuffix(".bias") + ".weight") in ("linear", "embedding"):
+            kinds[name] = "bias"
     return kinds
 
 
@@ -111,6 +117,8 @@ def _compile(base_name: str, ft_name: str, base: ModelFiles, ft: ModelFiles, kin
     for name, kind in kinds.items():
         if kind != "linear" and name not in changed:
             continue  # an unchanged embedding, norm, bias ...: nothing to save
+        if kind == "bias":
+            continue
         if kind == "whole":
             meta = ft.tensors[name]
             planned.append(PlannedTensor(PREFIX + name, meta.shape, meta.dtype))

@@ -97,10 +97,14 @@ def test_an_error_or_energy_target_picks_the_smallest_rank_that_meets_it(tmp_pat
 def test_gpt2_conv1d_factors_in_linear_layout_and_embedding_lora(tmp_path):
     base = random_model(gpt2_shapes(GPT2_CONFIG), seed=21)
     ft = low_rank_finetune(base, 2, 22, skip=("wpe",))  # wpe unchanged: no LoRA for it
+    ft["transformer.h.0.attn.c_attn.bias"] = base["transformer.h.0.attn.c_attn.bias"] + 0.5  # a LoRA module's bias
+    ft["transformer.h.0.ln_1.bias"] = base["transformer.h.0.ln_1.bias"] + 0.5  # a norm's bias: saved whole
     bp = save_model(str(tmp_path / "base"), base, GPT2_CONFIG)
     fp = save_model(str(tmp_path / "ft"), ft, GPT2_CONFIG)
     out = str(tmp_path / "out")
-    extract_lora(bp, fp, out, rank=2, embed_lora=True)
+    result = extract_lora(bp, fp, out, rank=2, embed_lora=True)
+    assert result.dropped == ("transformer.h.0.attn.c_attn.bias",) and "not represented" in result.report()
+    assert result.saved == ("transformer.h.0.ln_1.bias",)
     cfg, prods, _ = factors(out)
     assert cfg["fan_in_fan_out"] is True and "transformer.wpe" not in prods and len(prods) == 17
     ts = load_file(os.path.join(out, "adapter_model.safetensors"))
