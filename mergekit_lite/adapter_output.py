@@ -269,11 +269,13 @@ def ranked_config(config: Mapping[str, Any], manifest: Manifest) -> dict[str, An
     return out
 
 
-def finish_adapter_folder(folder: str, spec: OutputSpec) -> None:
+def finish_adapter_folder(folder: str, spec: OutputSpec, card: bool = True) -> None:
     """adapter_config.json (with the ranks the run recorded) and the card (library_name: peft)."""
     with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as fh:
         json.dump(ranked_config(spec.config, spec.manifest), fh, indent=2)
         fh.write("\n")
+    if not card:
+        return
     card = spec.card
     write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
                paper=card.paper, library="peft")

@@ -61,16 +61,10 @@ class AdaptedModel(Model):
             os.path.exists(os.path.expanduser(self.adapter.path)) or not looks_like_repo_id(self.adapter.path))
 
     def _open(self) -> Any:
-        files = self.base_model._open()
+        """Check that both open; the compiler reads their headers again (_model_files stays None)."""
         if self._adapter_files is None:
             self._adapter_files = open_one(self.adapter, os.getcwd(), is_adapter=True)
-        return files
-
-    def _opened(self) -> dict[str, Any]:
-        found = self.base_model._opened()
-        if self._adapter_files is not None:
-            found[str(self.adapter)] = self._adapter_files
-        return found
+        return self.base_model._open()
 
 
 class AdapterMerge:

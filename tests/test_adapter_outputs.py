@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mergekit_lite
 from mergekit_lite import merge_adapters
-from mergekit_lite.errors import PlanError
+from mergekit_lite.errors import ModelNotFound, PlanError
 from mergekit_lite.example_adapters import LORA_DEFAULTS, lora_tensors, save_adapter
 from mergekit_lite.examples import LLAMA_CONFIG, llama_shapes
 
@@ -234,4 +234,11 @@ def test_modules_to_save_are_merged_whole_over_the_base(tmp_path):
     plan = write_plan(tmp_path, f"output: adapter\nmerge_method: concat\nbase_model: {BASE}\nmodels:\n"
                                 f"  - model: {lora_head}\n  - model: {whole_head}\n", "clash.yml")
     with pytest.raises(PlanError, match="lm_head.weight is saved whole by one adapter"):
+        mergekit_lite.compile_plan(plan)
+
+
+def test_a_model_named_as_an_adapter_is_reported(tmp_path):
+    plan = write_plan(tmp_path, f"output: adapter\nmerge_method: concat\nbase_model: {BASE}\nmodels:\n"
+                                f"  - model: {ATTN}\n  - model: {CONFIGS}/models/ft_math\n")
+    with pytest.raises(ModelNotFound, match="ft_math is not a PEFT adapter folder: a model has no adapter_config.json"):
         mergekit_lite.compile_plan(plan)

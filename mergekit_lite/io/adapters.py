@@ -163,6 +163,9 @@ def open_adapter(path: str) -> AdapterFiles:
 
 def _read_config(path: str) -> dict[str, Any]:
     file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        what = "a model" if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)) else "it"
+        raise ModelNotFound(f"{path} is not a PEFT adapter folder: {what} has no {CONFIG_NAME}")
     try:
         with open(file, encoding="utf-8") as fh:
             config = json.load(fh)

@@ -16,7 +16,7 @@ from typing import Iterator, Union
 
 from ..errors import ModelNotFound
 from ..plan.schema import ModelRef, Recipe
-from .adapters import HUB_PATTERNS, AdapterFiles, adapter_as_model_error, is_adapter_folder, open_adapter
+from .adapters import AdapterFiles, open_adapter
 from .reader import ModelFiles, open_model
 from .resolve import resolve_model
 
@@ -49,13 +49,9 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, Opened] |
 
 
 def open_one(ref: ModelRef, plan_dir: str | None, is_adapter: bool = False) -> Opened:
-    """Open one model (refusing an adapter folder given as a model) or one adapter."""
-    if is_adapter:
-        return open_adapter(resolve_model(ref.path, ref.revision, plan_dir, patterns=HUB_PATTERNS))
-    path = resolve_model(ref.path, ref.revision, plan_dir)
-    if is_adapter_folder(path):
-        raise adapter_as_model_error(path, str(ref))
-    return open_model(path)
+    """Open one model (an adapter folder given as a model is refused) or one adapter."""
+    path = resolve_model(ref.path, ref.revision, plan_dir, adapter=is_adapter)
+    return open_adapter(path) if is_adapter else open_model(path)
 
 
 def _named(recipe: Recipe) -> Iterator[tuple[ModelRef, bool]]:

@@ -34,10 +34,12 @@ def looks_like_repo_id(path: str) -> bool:
     return bool(_REPO_ID.match(path)) and not path.startswith((".", "/", "~"))
 
 
-def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None,
-                  patterns: list[str] | None = None) -> str:
-    """Local path of a model reference (downloading it from the Hub if it is a repo id); `patterns`:
-    the files to download (default: :data:`HUB_PATTERNS`, what a model needs)."""
+def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None, adapter: bool = False) -> str:
+    """Local path of a model reference (downloading it from the Hub if it is a repo id), or with
+    `adapter` of a PEFT adapter. A local adapter folder named as a model is an error saying how to
+    use it (an adapter's safetensors file would otherwise read as a model with missing tensors)."""
+    from .adapters import HUB_PATTERNS as ADAPTER_FILES, adapter_as_model_error, is_adapter_folder
+
     expanded = os.path.expanduser(path)
     candidates = [expanded]
     if plan_dir and not os.path.isabs(expanded):
@@ -47,12 +49,14 @@ def resolve_model(path: str, revision: str | None = None, plan_dir: str | None =
             if revision is not None:
                 raise ModelNotFound(f"{path}@{revision}: a revision only applies to Hugging Face repos, "
                                     f"but {cand} is a local path")
+            if not adapter and is_adapter_folder(cand):
+                raise adapter_as_model_error(cand, path)
             return cand
     if not looks_like_repo_id(path):
         looked = " and ".join(os.path.abspath(c) for c in candidates)
         raise ModelNotFound(f"model '{path}' not found: no such file or folder ({looked}), and it is not a "
                             "Hugging Face repo id (org/name)")
-    return download(path, revision, patterns)
+    return download(path, revision, ADAPTER_FILES if adapter else None)
 
 
 def download(repo_id: str, revision: str | None = None, patterns: list[str] | None = None) -> str:

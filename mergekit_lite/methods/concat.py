@@ -8,8 +8,7 @@ exactly, at rank Σ rᵢ, without any SVD (PEFT's ``add_weighted_adapter(combina
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from . import Param, register
 from .gta import generalized_task_arithmetic
 

@@ -8,8 +8,8 @@ key, and a step with any issue gives no plan. The caller (:func:`mergekit_lite.p
 raises once for the whole file.
 
 What each mapping may hold is declared once, at the top: :data:`STEP_KEYS`, the :class:`Keys` of the
-nested mappings, and :data:`UNSUPPORTED_KEYS`, the mergekit keys that are recognised but refused,
-with why. ``models:`` entries and ``slices: sources:`` entries are both input entries and are read by
+nested mappings, :data:`UNSUPPORTED_KEYS`, the mergekit keys that are recognised but refused,
+with why, and :data:`OTHER_TOOLS`, the keys that mark a configuration of another mergekit tool. ``models:`` entries and ``slices: sources:`` entries are both input entries and are read by
 one method (:meth:`StepParser.input_entry`). Checks that depend on the merge method (parameter
 values, model counts) are in :mod:`mergekit_lite.plan.checks`.
 """
@@ -25,6 +25,7 @@ from ..dtypes import PLAN_DTYPES
 from ..errors import Issue
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
+from . import output_keys
 from .refs import OVERRIDE, read_ref
 from .source import Document, Path
 
@@ -48,7 +49,6 @@ STEP_KEYS = {
     "rank_error": "adapter outputs: per-module relative error target that picks each module's rank",
     "log_space": "IA3 adapter outputs: merge the logarithms of the scaling vectors",
 }
-ADAPTER_OUTPUT_KEYS = ("rank", "rank_error", "log_space")
 
 # mergekit keys that mergekit-lite recognises but does not support: key -> why it is refused. Each
 # mapping that may hold one names it in its Keys' `refused` below; a model reference written as a
@@ -61,6 +61,16 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat templates are not supported yet; the tokenizer donor's template is copied",
     # a model reference written as a mapping
     "override_architecture": OVERRIDE,
+}
+
+
+# Configurations of mergekit's other tools, recognised by their own top-level key and refused as a
+# whole (not key by key): key -> what the file is, and what to do instead.
+OTHER_TOOLS = {
+    "genome": "this is a mergekit-evolve configuration (genome:): evolutionary search over merge parameters "
+              "is not supported by mergekit-lite; it runs merge plans (merge_method: and models: or slices:). "
+              "Write the plan you want to evaluate, or drive a search from Python (mergekit_lite.Model(...).ties(...) "
+              "and iter_tensors() read no files until asked)",
 }
 
 
@@ -148,11 +158,15 @@ class StepParser:
             self.report((), "a merge plan is a mapping of keys such as merge_method and models, "
                         f"got {type(self.data).__name__}")
             return None
+        tool = next((key for key in OTHER_TOOLS if key in self.data), None)
+        if tool is not None:
+            self.report((tool,), OTHER_TOOLS[tool])
+            return None
         self.check_keys((), self.data, STEP)
         values = {key: read(self, key) for key, read in self.READERS.items()}
         self.check_one_form()
         if values["output"] == "adapter":
-            self.check_adapter_inputs(values)
+            output_keys.check_adapter_inputs(self, values)
         if len(self.issues) > n_before or self.method is None:
             return None
         plan = MergePlan(**values, doc=self.doc, prefix=self.prefix)
@@ -200,46 +214,6 @@ class StepParser:
 
     def seed(self, key: str) -> int | None:
         return check_seed(self.doc, self.prefix + (key,), self.data.get(key), self.issues)
-
-    def output(self, key: str) -> str:
-        value = self.data.get(key, "model")
-        if value not in ("model", "adapter"):
-            self.report((key,), f"output is 'model' or 'adapter', got {value!r}")
-            return "model"
-        if value == "adapter":
-            for other in ("slices", "depth_upscale", "tokenizer_source", "embed_source", "head_source"):
-                if other in self.data:
-                    self.report((other,), f"{other} does not apply to output: adapter (a list of adapters under "
-                                "models:, merged into one adapter of base_model)")
-            if self.data.get("base_model") is None:
-                self.report((), "output: adapter needs base_model: the model the adapters were trained on")
-        else:
-            for other in ADAPTER_OUTPUT_KEYS:
-                if other in self.data:
-                    self.report((other,), f"{other} applies to adapter outputs only (output: adapter)")
-        return value
-
-    def rank(self, key: str) -> int | None:
-        value = self.data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            self.report((key,), f"rank must be a positive integer, got {value!r}")
-            return None
-        return value
-
-    def rank_error(self, key: str) -> float | None:
-        value = self.data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value < 1):
-            self.report((key,), f"rank_error is a relative Frobenius error in (0, 1), e.g. 0.05; got {value!r}")
-            return None
-        return None if value is None else float(value)
-
-    def log_space(self, key: str) -> bool:
-        value = self.data.get(key, False)
-        if not isinstance(value, bool):
-            self.report((key,), f"log_space is true or false, got {value!r}")
-            return False
-        return value
 
     def base_model(self, key: str) -> ModelRef | None:
         if self.data.get(key) is None:
@@ -306,10 +280,10 @@ class StepParser:
         "name": name,
         "save": save,
         "seed": seed,
-        "output": output,
-        "rank": rank,
-        "rank_error": rank_error,
-        "log_space": log_space,
+        "output": output_keys.output,
+        "rank": output_keys.rank,
+        "rank_error": output_keys.rank_error,
+        "log_space": output_keys.log_space,
         "base_model": base_model,
         "tokenizer_source": tokenizer_source,
         "parameters": parameters,
@@ -319,15 +293,6 @@ class StepParser:
         "embed_source": donor,
         "head_source": donor,
     }
-
-    def check_adapter_inputs(self, values: dict[str, Any]) -> None:
-        """In an adapter output, models are adapters of base_model, named alone."""
-        named = [(("base_model",), values["base_model"])] + [
-            (m.path[len(self.prefix):] + ("model",), m.model) for m in values["models"] or ()]
-        for path, ref in named:
-            if ref is not None and ref.adapter is not None:
-                self.report(path, f"'{ref}': in an adapter output, name each adapter alone under models: and "
-                            "their common base once, as base_model")
 
     def check_one_form(self) -> None:
         given = [k for k in ("models", "slices", "depth_upscale") if k in self.data]
