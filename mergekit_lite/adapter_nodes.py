@@ -60,9 +60,26 @@ def _moved(ctx: Any, args: list) -> list[torch.Tensor]:
     return [a.to(ctx.device, non_blocking=True) for a in args]
 
 
+def _rounded(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a copy rounded to `dtype` (none when the float32 result is kept as it is)."""
+    return numel(shape) * element_size(dtype) if dtype != F32 else 0
+
+
+class _OneTensor(NodeBase):
+    """A node with one output: tensor `tensor` of `shape`, held in `dtype`."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return (Spec(self.tensor, self.shape, self.dtype),)
+
+
 @node_kind
 @dataclass(frozen=True)
-class FoldLora(NodeBase):
+class FoldLora(_OneTensor):
     """W + scaling · B @ A: the base tensor with a LoRA module folded in, rounded to `dtype`."""
 
     base: Any
@@ -80,14 +97,9 @@ class FoldLora(NodeBase):
         return (self.base, self.a, self.b)
 
     @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, self.dtype),)
-
-    @property
     def workspace_bytes(self) -> int:
         """Factors upcast, the delta (the float32 sum is formed in it), and the rounded copy."""
-        rounded = numel(self.shape) * element_size(self.dtype) if self.dtype != F32 else 0
-        return fold_workspace(self.a.shape, self.b.shape, self.shape, self.transpose) + rounded
+        return fold_workspace(self.a.shape, self.b.shape, self.shape, self.transpose) + _rounded(self.shape, self.dtype)
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():
@@ -97,7 +109,7 @@ class FoldLora(NodeBase):
 
 @node_kind
 @dataclass(frozen=True)
-class FoldIA3(NodeBase):
+class FoldIA3(_OneTensor):
     """W (or a bias) scaled by an IA3 vector, by rows or columns, rounded to `dtype`."""
 
     base: Any
@@ -113,13 +125,8 @@ class FoldIA3(NodeBase):
         return (self.base, self.vector)
 
     @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, self.dtype),)
-
-    @property
     def workspace_bytes(self) -> int:
-        rounded = numel(self.shape) * element_size(self.dtype) if self.dtype != F32 else 0
-        return _f32(self.vector.shape, self.shape) + rounded
+        return _f32(self.vector.shape, self.shape) + _rounded(self.shape, self.dtype)
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():
@@ -129,7 +136,7 @@ class FoldIA3(NodeBase):
 
 @node_kind
 @dataclass(frozen=True)
-class LoraDelta(NodeBase):
+class LoraDelta(_OneTensor):
     """scaling · B @ A in float32, in the base tensor's layout: a LoRA module as a task vector."""
 
     a: Any
@@ -147,10 +154,6 @@ class LoraDelta(NodeBase):
         return (self.a, self.b)
 
     @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, F32),)
-
-    @property
     def workspace_bytes(self) -> int:
         return _f32(self.a.shape, self.b.shape, self.shape)
 
@@ -162,7 +165,7 @@ class LoraDelta(NodeBase):
 
 @node_kind
 @dataclass(frozen=True)
-class Constant(NodeBase):
+class Constant(_OneTensor):
     """A float32 tensor filled with one value."""
 
     value: float
@@ -171,10 +174,6 @@ class Constant(NodeBase):
     shape: tuple[int, ...]
 
     dtype = F32
-
-    @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, F32),)
 
     @property
     def workspace_bytes(self) -> int:
@@ -187,7 +186,7 @@ class Constant(NodeBase):
 
 @node_kind
 @dataclass(frozen=True)
-class MapValues(NodeBase):
+class MapValues(_OneTensor):
     """``log`` or ``exp`` of a tensor, in float32 (IA3 vectors merged in log space)."""
 
     value: Any
@@ -204,10 +203,6 @@ class MapValues(NodeBase):
     @property
     def args(self) -> tuple:
         return (self.value,)
-
-    @property
-    def outputs(self) -> tuple[Spec, ...]:
-        return (Spec(self.tensor, self.shape, F32),)
 
     @property
     def workspace_bytes(self) -> int:

@@ -51,15 +51,20 @@ def save_adapter(folder: str, config: dict[str, Any], tensors: dict[str, Any]) -
     return folder
 
 
+def _targeted(shapes: dict[str, tuple[int, ...]], targets: list[str]):
+    """(tensor name, module, its last name, shape) of every 2-d weight whose module ends in a target."""
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        leaf = module.rsplit(".", 1)[-1]
+        if len(shape) == 2 and leaf in targets:
+            yield name, module, leaf, shape
+
+
 def lora_tensors(shapes: dict[str, tuple[int, ...]], targets: list[str], ranks: dict[str, int], seed: int,
                  std_b: float = 0.01) -> dict[str, np.ndarray]:
     """lora_A ~ N(0, 1/in) and lora_B ~ N(0, std_b²) for every weight whose module ends in a target."""
     out = {}
-    for name, shape in shapes.items():
-        module = name.removesuffix(".weight")
-        leaf = module.rsplit(".", 1)[-1]
-        if len(shape) != 2 or leaf not in targets:
-            continue
+    for name, module, leaf, shape in _targeted(shapes, targets):
         r = ranks.get(leaf, ranks["*"])
         rng = np.random.default_rng(stable_seed("lora", seed, name))
         out[f"{module}.lora_A.weight"] = rng.normal(0, shape[1] ** -0.5, (r, shape[1])).astype(np.float32)
@@ -71,11 +76,7 @@ def ia3_tensors(shapes: dict[str, tuple[int, ...]], targets: list[str], feedforw
                 std: float = 0.05) -> dict[str, np.ndarray]:
     """ia3_l ~ 1 + N(0, std²): [out, 1] (rows) for most targets, [1, in] (columns) for feedforward ones."""
     out = {}
-    for name, shape in shapes.items():
-        module = name.removesuffix(".weight")
-        leaf = module.rsplit(".", 1)[-1]
-        if len(shape) != 2 or leaf not in targets:
-            continue
+    for name, module, leaf, shape in _targeted(shapes, targets):
         rng = np.random.default_rng(stable_seed("ia3", seed, name))
         size = (1, shape[1]) if leaf in feedforward else (shape[0], 1)
         out[f"{module}.ia3_l"] = (1.0 + rng.normal(0, std, size)).astype(np.float32)
