@@ -28,6 +28,7 @@ import networkx as nx
 import torch
 
 from . import methods
+from .adapted import AdaptedSource
 from .arch import detect
 from .dtypes import numel
 from .errors import TensorNotFound
@@ -37,7 +38,6 @@ from .ledger import plan_peak
 from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
-from .adapted import AdaptedSource
 from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
