@@ -57,6 +57,9 @@ class OutputTensor:
     model_params: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # per-model, aligned with inputs
     copy: bool = False  # not merged (non-float buffers): taken from inputs[0]
     section: str = "post"
+    # neither read nor merged (an MoE router, a perturbed expert): producer(sources, seed, group) builds
+    # its node, given the step's sources (ModelRef -> source with .node(tensor, group)) and seed
+    producer: Any = None
 
     @property
     def numel(self) -> int:
@@ -84,6 +87,12 @@ class _Slice:
 
 def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo]) -> StepLayout:
     """Decide every output tensor of `plan`; `infos` describes each referenced model."""
+    if plan.moe is not None:
+        from ..moe.layout import expand_moe
+
+        layout = expand_moe(plan, infos)
+        layout.plan = plan
+        return layout
     if plan.depth_upscale is not None:
         plan = upscale_to_slices(plan, infos[plan.depth_upscale.model].arch.num_layers)
     method = plan.method
