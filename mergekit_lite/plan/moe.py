@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..moe import arch as moe_arch
+from ..moe.arch import ARCHS, matching
 from .parser import Keys, StepParser
 from .recipe import Expert, MergePlan, MoESpec
 from .source import Path
@@ -33,6 +33,7 @@ MOE_KEYS = {
     "dtype": "dtype written (default: the base config's torch_dtype)",
     "tokenizer_source": "where the tokenizer comes from: base (default), or a model",
     "seed": "seed of random gates and expert noise (default 0)",
+    "name": "the step's name (multi-step plans, where the experts may be earlier steps)",
 }
 MOE = Keys(tuple(MOE_KEYS), "unknown key '{key}' in a mixture of experts config (experts:); allowed: {allowed}")
 EXPERT = Keys(("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"),
@@ -60,6 +61,7 @@ class MoEParser(StepParser):
         dtype = self.dtype("dtype")
         tokenizer = self.tokenizer_source("tokenizer_source")
         seed = self.seed("seed")
+        name = self.name("name")
         mode = self.gate_mode()
         experts = self.expert_list("experts", required=True)
         shared = self.expert_list("shared_experts", required=False)
@@ -71,7 +73,7 @@ class MoEParser(StepParser):
             return None
         spec = MoESpec(tuple(experts), tuple(shared), mode, per_token, archs, self.prefix)
         return MergePlan("moe", base, None, None, {}, dtype=dtype, tokenizer_source=tokenizer, seed=seed, moe=spec,
-                         doc=self.doc, prefix=self.prefix)
+                         name=name, doc=self.doc, prefix=self.prefix)
 
     def gate_mode(self) -> str:
         mode = self.data.get("gate_mode", "hidden")
@@ -90,13 +92,13 @@ class MoEParser(StepParser):
         return k
 
     def architectures(self, shared: int) -> tuple[str, ...]:
-        found = moe_arch.matching(self.data.get("architecture"))
+        found = matching(self.data.get("architecture"))
         if isinstance(found, str):
             self.report(("architecture",), found)
             return ()
-        if not any(moe_arch.ARCHS[n].shared_experts == shared for n in found):
+        if not any(ARCHS[n].shared_experts == shared for n in found):
             where = ("shared_experts",) if "shared_experts" in self.data else ("architecture",)
-            takes = ", ".join(f"{n} takes {moe_arch.ARCHS[n].shared_experts}" for n in found)
+            takes = ", ".join(f"{n} takes {ARCHS[n].shared_experts}" for n in found)
             self.report(where, f"{shared} shared expert(s) given; {takes}")
         return found
 
