@@ -7,9 +7,10 @@ transformers 4 and 5 rebuild it differently), so those need ``transformers`` (th
 are tokenized by it. A *generic* tokenizer (``PreTrainedTokenizerFast``, transformers 5's
 ``TokenizersBackend``, or no class) is ``tokenizer.json`` run as it is by the ``tokenizers`` library,
 with the special tokens the config names marked special; we run it the same way through
-``tokenizers`` alone (about 5 MB of memory instead of about 90 MB for importing transformers), as long
-as nothing in the config would make transformers change it (``add_prefix_space``, a special token the
-vocabulary lacks), else through transformers. The tests check both paths against AutoTokenizer.
+``tokenizers`` alone (a dependency of ours; about 5 MB of memory instead of about 90 MB for importing
+transformers), as long as nothing in the config would make transformers change it
+(``add_prefix_space``, a special token the vocabulary lacks), else through transformers. The tests
+check both paths against AutoTokenizer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Sequence
 
 from ..errors import MergeError
@@ -25,7 +25,7 @@ from ..errors import MergeError
 GENERIC = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 CHANGES_PIPELINE = ("add_prefix_space", "legacy", "from_slow")  # settings transformers applies to the pipeline
-EXTRA_HINT = "pip install 'mergekit-lite[transformers]' (or pip install tokenizers for tokenizer.json alone)"
+EXTRA_HINT = "pip install 'mergekit-lite[transformers]'"
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,8 @@ def tokenizer_settings(folder: str) -> dict[str, Any]:
     return merged
 
 
-@lru_cache(maxsize=8)
 def load_prompt_tokenizer(folder: str) -> PromptTokenizer:
-    """The prompt tokenizer of the model in `folder` (cached: the routers of every layer share it)."""
+    """The prompt tokenizer of the model in `folder`."""
     settings = tokenizer_settings(folder)
     raw = _generic(folder, settings)
     return raw if raw is not None else _transformers(folder, settings)

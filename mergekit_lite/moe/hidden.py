@@ -15,6 +15,7 @@ covers it; the other gate modes are streamed tensor by tensor.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Sequence
 
 import torch
@@ -78,15 +79,25 @@ class HiddenStates:
         return states.sum(dim=1) / states.shape[1]
 
 
+NEEDS_TRANSFORMERS = ("gate_mode hidden runs the base model to get its hidden states, which needs transformers: "
+                      "pip install 'mergekit-lite[transformers]' (or use gate_mode: cheap_embed or random)")
+
+
+def check_transformers() -> None:
+    """Fail early (without importing it) when transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        raise MergeError(NEEDS_TRANSFORMERS)
+
+
 def load_model(folder: str, device: torch.device) -> Any:
     """The base model in bfloat16 through transformers (never its remote code)."""
     try:
         import transformers
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise MergeError("gate_mode hidden runs the base model to get its hidden states, which needs transformers: "
-                         "pip install 'mergekit-lite[transformers]' (or use gate_mode: cheap_embed or random)") from None
+        raise MergeError(NEEDS_TRANSFORMERS) from None
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, low_cpu_mem_usage=True,
                                                      **{key: torch.bfloat16})

@@ -65,8 +65,8 @@ class _Checks:
         for e in self.spec.experts + self.spec.shared_experts:
             found = self.infos[e.source_model].config.get("model_type")
             if found != base_type:
-                kind = found or "unknown"
-                self.issue(self.expert_path(e), f"{self.infos[e.source_model].label} is a {kind} model, the base a "
+                what = f"is a {found} model" if found else "has no model_type in its config.json"
+                self.issue(self.expert_path(e), f"{self.infos[e.source_model].label} {what}, the base is a "
                            f"{base_type} model; the experts must have the base's architecture")
         chosen = moe_arch.choose(self.spec.architectures, {base_type}, len(self.spec.shared_experts))
         if isinstance(chosen, str):
@@ -260,7 +260,9 @@ class Prompts:
 
     def states(self, sources: Mapping[ModelRef, Any]) -> Any:
         if self._states is None:
-            from .hidden import HiddenStates
+            from .hidden import HiddenStates, check_transformers
+
+            check_transformers()  # before anything is written, not when the first router runs
 
             batches, pad, _ = self.tokens(sources)
             numel = sum(t.numel for t in self.files(sources).tensors.values())
