@@ -222,30 +222,27 @@ def test_python_api_runs_the_same_plan(tmp_path, sources):
         upcycle(f"{MODELS}/base", [soup, f"{MODELS}/ft_chat"], gate_mode="random", experts_per_token=3)
 
 
-def moe_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "mergekit_lite.moe.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+def test_mergekit_moe_command(tmp_path, capsys, monkeypatch):
+    from mergekit_lite.moe.cli import main
 
-
-def test_mergekit_moe_command(tmp_path):
     plan = moe_plan(tmp_path, "random")
-    r = moe_cli(plan, str(tmp_path / "a"), "--random-seed", "3", "--lazy-unpickle", "--no-copy-tokenizer",
-                "--out-shard-size", "100K", "-j", "2", "--quiet")
+    r = subprocess.run([sys.executable, "-m", "mergekit_lite.moe.cli", plan, str(tmp_path / "a"), "--random-seed", "3",
+                        "--lazy-unpickle", "--no-copy-tokenizer", "--out-shard-size", "100K", "-j", "2", "--quiet"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "--lazy-unpickle has no effect here" in r.stderr and "--no-copy-tokenizer has no effect" in r.stderr
     assert os.path.exists(tmp_path / "a" / "model.safetensors.index.json")  # 100K: shards of 100,000 bytes
-    mergekit_lite.run(plan, str(tmp_path / "b"), seed=3)
-    a, b = load_dir(str(tmp_path / "a")), load_dir(str(tmp_path / "b"))
+    a, b = load_dir(str(tmp_path / "a")), run_dir(plan, tmp_path / "b", seed=3)
     assert all(torch.equal(a[k], b[k]) for k in b)
-    r = moe_cli(plan, str(tmp_path / "a"))
-    assert r.returncode == 2 and "already exists" in r.stderr
-    r = moe_cli("merge_configs/linear.yml", str(tmp_path / "c"))
-    assert r.returncode == 2 and "not a mixture of experts config" in r.stderr
+    capsys.readouterr()
+    assert main([plan, str(tmp_path / "a")]) == 2 and "already exists" in capsys.readouterr().err
+    monkeypatch.chdir(REPO)
+    assert main(["merge_configs/linear.yml", str(tmp_path / "c")]) == 2
+    assert "not a mixture of experts config" in capsys.readouterr().err
     bad = write_plan(tmp_path, f"base_model: {MODELS}/base\ngate_mode: random\nexperts_per_token: 5\n"
                                f"experts: [{MODELS}/ft_math, {MODELS}/ft_code]\n", "bad.yml")
-    r = moe_cli(bad, str(tmp_path / "d"))
-    assert r.returncode == 2 and f"{bad}:3: experts_per_token:" in r.stderr and "Traceback" not in r.stderr
-    assert not os.path.exists(tmp_path / "d")
+    assert main([bad, str(tmp_path / "d")]) == 2
+    assert f"{bad}:3: experts_per_token:" in capsys.readouterr().err and not os.path.exists(tmp_path / "d")
 
 
 def test_hidden_without_transformers_fails_before_anything_is_written(tmp_path, monkeypatch):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -127,14 +125,15 @@ def test_model_type_the_architecture_does_not_take(tmp_path):
     assert info.value.issues[0].path == "architecture" and "mixtral takes llama or mistral" in str(info.value)
 
 
-def test_plan_command_shows_experts_and_gate_mode():
-    r = subprocess.run([sys.executable, "-m", "mergekit_lite", "plan", "merge_configs/moe.yml"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "mixture of experts: mixtral, gate_mode cheap_embed, 2 of 3 experts per token" in r.stdout
-    assert "expert 0: models/ft_math (2 positive, 1 negative prompts)" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "mergekit_lite", "plan", "merge_configs/moe.yml", "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    step = json.loads(r.stdout)["steps"][0]
+def test_plan_command_shows_experts_and_gate_mode(capsys, monkeypatch):
+    from mergekit_lite.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "merge_configs/moe.yml"]) == 0
+    out = capsys.readouterr().out
+    assert "mixture of experts: mixtral, gate_mode cheap_embed, 2 of 3 experts per token" in out
+    assert "expert 0: models/ft_math (2 positive, 1 negative prompts)" in out
+    assert main(["plan", "merge_configs/moe.yml", "--json"]) == 0
+    step = json.loads(capsys.readouterr().out)["steps"][0]
     assert step["gate_mode"] == "cheap_embed" and step["architecture"] == "mixtral"
     assert [e["model"] for e in step["experts"]] == ["models/ft_math", "models/ft_code", "models/ft_chat"]
