@@ -24,14 +24,27 @@ import torch
 Batch = Sequence[Sequence[int]]  # token ids of a list of prompts
 
 
+def left_padded(batch: Batch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (prompts, longest) int64: the batch padded on the left with `pad`,
+    as mergekit-moe's tokenizer call pads it."""
+    width = max((len(p) for p in batch), default=0)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], dtype=torch.long).reshape(len(batch), width)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long)
+    return ids, mask.reshape(len(batch), width)
+
+
+def largest_batch(experts: Sequence[tuple[Batch, Batch]]) -> int:
+    """Padded size (prompts × longest) of the largest batch of `experts`' (positive, negative) batches."""
+    return max((max((len(p) for p in b), default=0) * len(b) for pos, neg in experts for b in (pos, neg)), default=0)
+
+
 def prompt_vector(rows: torch.Tensor, index: Mapping[int, int], batch: Batch, pad: int) -> torch.Tensor:
     """(1, hidden) float32: the normalised sum of the embedding rows of every token of `batch`.
 
     `rows` holds the embedding rows that are needed, `index` maps a token id to its row there."""
-    width = max((len(p) for p in batch), default=0)
-    ids = torch.tensor([[index[pad]] * (width - len(p)) + [index[t] for t in p] for p in batch], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long)
-    hidden = rows.to(torch.float32)[ids.reshape(-1)].reshape(len(batch), width, rows.shape[-1])
+    ids, mask = left_padded(batch, pad)
+    where = torch.tensor([index[t] for t in ids.reshape(-1).tolist()], dtype=torch.long)
+    hidden = rows.to(torch.float32)[where].reshape(*ids.shape, rows.shape[-1])
     embedded = (hidden * mask.unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
     return embedded / embedded.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
@@ -55,9 +68,8 @@ def cheap_embed_workspace(hidden: int, experts: Sequence[tuple[Batch, Batch]], r
     """Bytes :func:`cheap_embed_gate` allocates at most, its result included: the float32 copy of the
     `rows` embedding rows, the largest batch gathered and masked (float32) with its index tensors, and
     a few (1, hidden) vectors per expert."""
-    tokens = max((max((len(p) for p in b), default=0) * len(b) for pos, neg in experts for b in (pos, neg)),
-                 default=0)
-    return 4 * hidden * (rows + 2 * tokens + 8 * len(experts)) + 16 * tokens
+    tokens = largest_batch(experts)
+    return 4 * hidden * (rows + 2 * tokens + 8 * len(experts)) + 24 * tokens
 
 
 def random_gate(shape: tuple[int, ...], seed: int, uniform: bool = False) -> torch.Tensor:

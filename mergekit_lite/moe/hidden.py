@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import MergeError
+from .gates import largest_batch, left_padded
 
 Batch = Sequence[Sequence[int]]
 
@@ -42,8 +43,7 @@ class HiddenStates:
     @property
     def workspace_bytes(self) -> int:
         """The bfloat16 model, and the hidden states of the longest batch (float32 bound, several copies)."""
-        tokens = max((max((len(p) for p in b), default=0) * len(b) for pos, neg in self.prompts for b in (pos, neg)),
-                     default=0)
+        tokens = largest_batch(self.prompts)
         return 2 * self.base_numel + 16 * (self.layers + 2) * tokens * self.hidden + (4 << 20)
 
     def rows(self, layer: int, experts: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -67,10 +67,9 @@ class HiddenStates:
 
     def _states_of(self, model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
         """(layers, hidden): the batch's mean hidden state entering each layer."""
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in batch], dtype=torch.long, device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], dtype=torch.long, device=device)
-        output = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
+        ids, mask = left_padded(batch, self.pad)
+        output = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                       return_dict=True)
         states = torch.stack(output.hidden_states[:-1])  # (layers, batch, positions, hidden)
         if self.layers != states.shape[0]:
             raise MergeError(f"{self.folder}: transformers gave hidden states for {states.shape[0]} layers, "
