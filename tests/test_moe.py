@@ -227,12 +227,15 @@ def test_mergekit_moe_command(tmp_path, capsys, monkeypatch):
 
     plan = moe_plan(tmp_path, "random")
     r = subprocess.run([sys.executable, "-m", "mergekit_lite.moe.cli", plan, str(tmp_path / "a"), "--random-seed", "3",
-                        "--lazy-unpickle", "--no-copy-tokenizer", "--out-shard-size", "100K", "-j", "2", "--quiet"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
+                        "--lazy-unpickle", "--load-in-4bit", "--no-copy-tokenizer", "--out-shard-size", "100K",
+                        "-j", "2", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "--lazy-unpickle has no effect here" in r.stderr and "--no-copy-tokenizer has no effect" in r.stderr
-    assert os.path.exists(tmp_path / "a" / "model.safetensors.index.json")  # 100K: shards of 100,000 bytes
+    assert "--load-in-4bit: noted, not honoured" in r.stderr and "lazy" not in r.stderr  # no note where nothing changes
+    assert not os.path.exists(tmp_path / "a" / "tokenizer.json")  # --no-copy-tokenizer
     a, b = load_dir(str(tmp_path / "a")), run_dir(plan, tmp_path / "b", seed=3)
+    index = json.load(open(tmp_path / "a" / "model.safetensors.index.json"))["weight_map"]
+    per_shard = {f: sum(a[k].numel() for k in index if index[k] == f) for f in set(index.values())}
+    assert len(per_shard) > 1 and max(per_shard.values()) <= 100_000  # 100K parameters per shard
     assert all(torch.equal(a[k], b[k]) for k in b)
     capsys.readouterr()
     assert main([plan, str(tmp_path / "a")]) == 2 and "already exists" in capsys.readouterr().err

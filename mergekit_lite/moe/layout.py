@@ -171,7 +171,7 @@ class _Placer:
             out += self.moe_layer(i, {self.base.arch.layer(n).rest for n in by_layer.get(i, [])})
         out += [self.copy(self.plan.base_model, n, n) for n in post]
         config = self.arch.config(self.base.config, len(self.spec.experts), self.spec.experts_per_token)
-        return StepLayout(out, output_config(config, self.dtype, out), self.plan.base_model)
+        return StepLayout(out, output_config(config, self.dtype, out), self.plan.base_model, plan=self.plan)
 
     def moe_layer(self, i: int, present: set[str]) -> list[OutputTensor]:
         prefix = f"{LAYERS}{i}."
@@ -226,7 +226,8 @@ class _Placer:
                             producer=partial(zeros, name=name, shape=(heads,)))
 
 
-# -- producers: (sources, seed, group) -> the node of one generated tensor --------------------------
+# -- producers: (sources, seed, group) -> the node of one generated tensor (OutputTensor.producer);
+# sources maps each ModelRef of the step to its source (.node(tensor, group); .files for a model on disk)
 
 class Prompts:
     """The experts' prompts, tokenized once with the base's tokenizer (and its hidden states, once)."""
