@@ -256,3 +256,13 @@ def test_hidden_without_transformers_fails_before_anything_is_written(tmp_path, 
     with pytest.raises(mergekit_lite.MergeError, match=r"needs transformers: pip install 'mergekit-lite\[transformers\]'"):
         mergekit_lite.run(moe_plan(tmp_path, "hidden"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_mergekit_moe_help_lists_its_flags_without_importing_torch():
+    code = ("import sys\nfrom mergekit_lite.moe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch imported:', 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "torch imported: False" in r.stdout, r.stderr
+    for flag in ("--load-in-4bit", "--i-understand-this-is-not-useful-without-training", "--random-seed",
+                 "--out-shard-size", "--overwrite", "CONFIG_PATH", "OUT_PATH"):
+        assert flag in r.stdout
