@@ -13,6 +13,9 @@ Python API::
     tuned = base.with_adapter("lora")                        # a PEFT adapter applied, as a model
     mergekit_lite.merge_adapters(["lora_a", "lora_b"], base="base", method="concat").save("out/lora")
     mergekit_lite.extract_lora("base", "math-ft", "out/extracted", rank=16)
+    moe = mergekit_lite.upcycle(base, [("math-ft", ["2 + 2"]), ("code-ft", ["def f():"])],
+                                gate_mode="cheap_embed")   # a mixture of experts (mergekit-moe)
+    moe.save("out-moe/")
 
 Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
 line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
@@ -49,6 +52,7 @@ _LAZY = {
     "extract_lora": (".extract", "extract_lora"),
     "LayerRange": (".stacking", "LayerRange"),
     "stack": (".stacking", "stack"),
+    "upcycle": (".moe.api", "upcycle"),
     "Options": (".merge", "Options"),
     "compile_plan": (".merge", "compile_plan"),
     "run": (".merge", "run"),

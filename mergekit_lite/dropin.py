@@ -225,10 +225,10 @@ def multi_recipe(config_file: str, intermediate_dir: str, out_path: str | None, 
 
 def _sinks(docs: list) -> list[str]:
     """Names of the documents no other document uses as a model, in document order."""
-    from .plan.parser import StepParser
+    from .plan.schema import parser_for
 
     issues: list = []
-    plans = [StepParser(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
+    plans = [parser_for(d.data)(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
     if issues:
         raise PlanError(issues)
     used = {r.path for p in plans for r in p.referenced_models()}

@@ -99,7 +99,10 @@ class StepCompiler:
         key = (tensor, group)
         if key not in self._nodes:
             ot: OutputTensor = self.by_name[tensor]
-            node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
+            if ot.producer is not None:
+                node = ot.producer(self.sources, self.seed, group)
+            else:
+                node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
             self._nodes[key] = node
             if self.plan.save and tensor not in self.save_sinks:
                 self.save_sinks[tensor] = Write(self.plan.save, tensor, node, ot.dtype, group)
