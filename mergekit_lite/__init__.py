@@ -8,7 +8,7 @@ Python API::
     from mergekit_lite import Model
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
-    merged.save("out/")
+    merged.save("out/", upload="org/name")                 # ... and publish it on the Hub
 """
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ from .errors import (  # noqa: E402
 from .api import Expr, Model, TaskVector, merge  # noqa: E402
 from .stacking import LayerRange, stack  # noqa: E402
 from .merge import Options, compile_plan, run  # noqa: E402
+from .io.hub import Upload, UploadFailed, upload  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
 from .plan.schema import load_plan, parse_plan  # noqa: E402
 
@@ -37,6 +38,9 @@ __all__ = [
     "stack",
     "merge",
     "run",
+    "upload",
+    "Upload",
+    "UploadFailed",
     "compile_plan",
     "parse_plan",
     "load_plan",

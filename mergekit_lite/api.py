@@ -30,7 +30,8 @@ from .errors import MergeError
 from .io.reader import ModelFiles, open_model
 from .io.resolve import looks_like_repo_id, resolve_model
 from .lowering import Lowering, dump_plan
-from .merge import Options, compile_plan, execute
+from .io.hub import Upload
+from .merge import Options, compile_plan, execute, publish
 from .plan.schema import Recipe, parse_plan
 
 if TYPE_CHECKING:
@@ -194,11 +195,15 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats."""
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None):
+        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats.
+        With `upload` (``"org/name"`` or an :class:`~mergekit_lite.Upload`), the finished folder is
+        then published to the Hub (a failed upload raises UploadFailed and leaves `out` as it is)."""
         options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
                           overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype)
-        return execute(self._compile(options), os.fspath(out), options)
+        stats = execute(self._compile(options), os.fspath(out), options)
+        publish(out, upload, options)
+        return stats
 
     def iter_tensors(self, *, dtype: str | None = None, device: str = "auto", max_memory: str | int | None = None,
                      seed: int | None = None, only: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

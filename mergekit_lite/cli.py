@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|bench``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|bench|upload``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
 and exits with status 2; nothing is left in the output folder.
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from .hub_cli import add_upload_options, add_upload_parser
+
+    add_upload_options(p, after_run=True)
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
     p.add_argument("plan", help="YAML merge plan")
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("examples", help="(re)generate the example models used by merge_configs/")
     p.add_argument("dir", nargs="?", default=None, help="target folder [merge_configs/models]")
     p.add_argument("--check", action="store_true", help="verify the folder holds exactly what would be generated")
+
+    add_upload_parser(sub)
 
     p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
     from .bench import add_arguments
@@ -73,7 +78,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .merge import Options, compile_plan, execute
 
         options = Options(device=args.device, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype)
+                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype,
+                          endpoint=args.endpoint)
         compiled = compile_plan(args.plan, options)
         for w in compiled.warnings:
             print(f"mergekit-lite: warning: {w}", file=sys.stderr)
@@ -84,7 +90,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {args.out} in "
                   f"{stats.seconds:.1f}s on {stats.device}: {human_size(stats.throughput)}/s, "
                   f"peak tensor memory {human_size(stats.peak_live_bytes)} (budget {human_size(stats.budget)})")
+        if args.upload:
+            from .hub_cli import upload_folder
+
+            return upload_folder(args, args.out, args.upload)
         return 0
+    if args.command == "upload":
+        from .hub_cli import upload_command
+
+        return upload_command(args)
     if args.command == "plan":
         from .report import plan_report
 

@@ -7,6 +7,7 @@ finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from .dtypes import parse_dtype
 from .errors import MergeError
 from .executor import Executor, Stats, auto_budget
 from .graph import Compiled, OutputSpec, compile_recipe
+from .io.card import write_card
+from .io.hub import Upload, upload
 from .io.inputs import open_inputs
-from .io.output import copy_tokenizer, write_card, write_config
+from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
+from .io.vocab import write_tokenizer
 from .io.writer import OutputFolder, ShardedWriter, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
@@ -39,6 +43,7 @@ class Options:
     seed: int | None = None
     dtype: str | None = None  # override of the written dtype
     read_threads: int = 2
+    endpoint: str | None = None  # the Hub to download from (None: HF_ENDPOINT, else huggingface.co)
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -83,20 +88,34 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
     recipe = load(plan)
     if plan_dir is None and os.path.exists(recipe.file):
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
-    opened = open_inputs(recipe, plan_dir, known=files)
+    opened = open_inputs(recipe, plan_dir, known=files, endpoint=options.endpoint)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size())
 
 
-def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
-    """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`.
+def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, *,
+        upload: Upload | str | None = None, **kwargs: Any) -> Stats:
+    """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`, then
+    publish it to the Hub when `upload` is given (``"org/name"`` or an :class:`Upload`).
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
-    ``overwrite``, ``quiet``, ``seed``, ``dtype``). Returns the run's :class:`Stats`.
+    ``overwrite``, ``quiet``, ``seed``, ``dtype``, ``endpoint``). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
-    return execute(compiled, os.fspath(out), options)
+    stats = execute(compiled, os.fspath(out), options)
+    publish(out, upload, options)
+    return stats
+
+
+def publish(out: str | os.PathLike, target: Upload | str | None, options: Options) -> str | None:
+    """Upload a finished output folder (`target` None: nothing to do); the run's endpoint is the default."""
+    if target is None:
+        return None
+    up = Upload.of(target)
+    if up.endpoint is None and options.endpoint is not None:
+        up = Upload(up.repo_id, up.private, up.revision, up.commit_message, options.endpoint, up.token)
+    return upload(os.fspath(out), up)
 
 
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
@@ -115,19 +134,24 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
         stats = executor.execute()
         for spec in compiled.outputs:
             writers[spec.key].finish()
-            finish_folder(folders[spec.key].tmp, spec)
+            finish_folder(folders[spec.key].tmp, spec, os.path.basename(os.path.normpath(spec.key or out)))
         for folder in folders.values():
             folder.commit()
     return stats
 
 
-def finish_folder(folder: str, spec: OutputSpec) -> None:
-    """The non-tensor files of an output folder: config, tokenizer, model card."""
+def finish_folder(folder: str, spec: OutputSpec, name: str) -> None:
+    """The non-tensor files of an output folder: config, tokenizer, the config's companions (generation
+    config, custom code), the model card."""
     write_config(folder, dict(spec.config))
-    copy_tokenizer(spec.tokenizer_folder, folder)
-    card = spec.card
-    write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
-               paper=card.paper)
+    write_tokenizer(spec.tokenizer, folder)
+    copy_generation_config(spec.config_folder, folder)
+    copy_custom_code(spec.config_folder, folder, spec.config.get("auto_map"))
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        with open(tokenizer_config, encoding="utf-8") as fh:
+            copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
+    write_card(folder, spec.card, name, spec.kind)
 
 
-__all__ = ["Options", "run", "execute", "compile_plan", "parse_plan", "load_plan"]
+__all__ = ["Options", "Upload", "run", "execute", "publish", "compile_plan", "parse_plan", "load_plan"]
