@@ -267,7 +267,7 @@ class RowPlan:
         if self.size > self.n:
             total = torch.zeros(x.shape[1:], dtype=torch.float32)
             for start in range(0, self.n, _CHUNK_ROWS):
-                total += out[start:start + _CHUNK_ROWS].sum(0, dtype=torch.float32)
+                total += out[start:min(start + _CHUNK_ROWS, self.n)].sum(0, dtype=torch.float32)
             out[self.n:] = (total / self.n).to(x.dtype)
         return out
 

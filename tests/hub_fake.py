@@ -138,8 +138,11 @@ class Handler(BaseHTTPRequestHandler):
             for verb, pattern, fn in ROUTES:
                 m = re.fullmatch(pattern, url.path)
                 if verb == method and m:
-                    return fn(self, {k: unquote(v) for k, v in m.groupdict().items()}, body, parse_qs(url.query))
+                    groups = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+                    return fn(self, groups, body, parse_qs(url.query))
             raise HubError(404, f"no route {method} {url.path}")
+        except (KeyError, ValueError, TypeError) as exc:  # a malformed request (or a bug here): say so
+            self._send(400, {"error": f"bad request: {type(exc).__name__}: {exc}"}, head=method == "HEAD")
         except HubError as err:
             headers = {"X-Error-Message": err.message}
             if err.code:
