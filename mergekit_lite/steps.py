@@ -57,6 +57,7 @@ class StepSummary:
     tensors: int
     save: str | None
     expanded: str | None  # the short form it was expanded from
+    vocabulary: str | None = None  # how its models' vocabularies are aligned, when they are
 
 
 def _is_step(ref: ModelRef, steps: Any) -> bool:
@@ -70,8 +71,18 @@ def step_summaries(recipe: Recipe, compilers: Mapping[str, Any]) -> tuple[StepSu
         refs = step.referenced_models()
         out.append(StepSummary(step.name, step.merge_method, str(step.base_model) if step.base_model else None,
                                tuple(str(r) for r in refs), tuple(r.path for r in refs if _is_step(r, compilers)),
-                               len(comp.layout.tensors), step.save, comp.plan.expanded_from))
+                               len(comp.layout.tensors), step.save, comp.plan.expanded_from,
+                               _vocabulary(comp.alignment)))
     return tuple(out)
+
+
+def _vocabulary(al: Any) -> str | None:
+    if al is None:
+        return None
+    src = al.spec.source
+    text = f"{src if isinstance(src, str) else 'from ' + str(src)}: {al.n} token ids"
+    text += f", {len(al.tokenizer.added)} added to {al.donor}'s" if al.tokenizer.added else ""
+    return text + (f", {al.size} rows" if al.size != al.n else "")
 
 
 # -- tokenizer, config companions, config -------------------------------------------------------

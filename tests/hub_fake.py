@@ -52,6 +52,7 @@ class State:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.log: list[dict] = []
+        self.disabled: set[str] = set()  # endpoints (handler names) this Hub does not have
         self.lock = threading.RLock()
         self.counter = 0
 
@@ -137,7 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for verb, pattern, fn in ROUTES:
                 m = re.fullmatch(pattern, url.path)
-                if verb == method and m:
+                if verb == method and m and fn.__name__ not in self.state.disabled:
                     groups = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
                     return fn(self, groups, body, parse_qs(url.query))
             raise HubError(404, f"no route {method} {url.path}")

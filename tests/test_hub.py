@@ -214,6 +214,14 @@ def test_upload_falls_back_to_lfs_when_the_hub_has_no_xet(hub, env, tmp_path, mo
     assert constants.HF_HUB_DISABLE_XET is False  # the client's setting is restored
 
 
+def test_upload_works_on_a_hub_without_card_validation(hub, env, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub.state, "disabled", {"validate_yaml"})
+    out = str(tmp_path / "out")
+    mergekit_lite.run(local_plan(tmp_path), out)
+    mergekit_lite.upload(out, "alice/novalidation", endpoint=hub.url)
+    assert hub.state.files("alice/novalidation")["README.md"] == folder_files(out)["README.md"]
+
+
 @pytest.mark.parametrize("token, repo, words", [
     (None, "alice/x", ["no Hugging Face token", "hf auth login"]),
     (BOB, "team/not-bobs", ["403", "write access"]),

@@ -287,3 +287,31 @@ def test_parity_with_mergekit(mergekit_outputs, tmp_path, key):
         assert err < 1e-5, (name, float(err))
     assert json.load(open(os.path.join(ours, "config.json")))["vocab_size"] == \
         json.load(open(os.path.join(theirs, "config.json")))["vocab_size"]
+
+
+def test_tokenizer_keys_problems_are_all_reported_with_lines():
+    from mergekit_lite.errors import PlanError
+    from mergekit_lite.plan.schema import parse_plan
+
+    text = ("merge_method: linear\nmodels:\n  - model: a\n  - model: b\ntokenizer_source: union\n"
+            "tokenizer:\n  source: union\n  bogus: 1\n  pad_to_multiple_of: 0\n  tokens:\n"
+            "    x: {source: {kind: sideways}}\n    y: {source: elsewhere}\n"
+            "    z: {source: {kind: model_token, model: a, token: t, token_id: 3}}\nchat_template: nope\n")
+    with pytest.raises(PlanError) as info:
+        parse_plan(text, "p.yml")
+    found = [(i.line, i.path) for i in info.value.issues]
+    assert found == [(5, "tokenizer_source"), (8, "tokenizer.bogus"), (9, "tokenizer.pad_to_multiple_of"),
+                     (11, "tokenizer.tokens.x.source.kind"),
+                     (13, "tokenizer.tokens.z.source"), (14, "chat_template")]
+    messages = " ".join(i.message for i in info.value.issues)
+    for words in ("either tokenizer_source or a tokenizer: section", "allowed: source, tokens, pad_to_multiple_of",
+                  "positive integer", "allowed: model_token, zero", "exactly one of token and token_id",
+                  "unknown chat template 'nope'"):
+        assert words in messages, words
+    # which models a token may take its row from is checked once the step itself is valid
+    with pytest.raises(PlanError) as info:
+        parse_plan("merge_method: linear\nmodels:\n  - model: a\n  - model: b\ntokenizer:\n  tokens:\n"
+                   "    y: {source: elsewhere}\n", "p.yml")
+    (issue,) = info.value.issues
+    assert (issue.line, issue.path) == (7, "tokenizer.tokens.y.source")
+    assert "model elsewhere is not one of this step's models" in issue.message
