@@ -27,8 +27,9 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import open_located
+from .io.reader import ModelFiles
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
 from .io.hub import Upload
 from .merge import Options, compile_plan, execute, publish
@@ -247,7 +248,7 @@ class Model(Expr):
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
 
 

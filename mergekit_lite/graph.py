@@ -40,7 +40,7 @@ from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expan
 from .plan.schema import MergePlan, ModelRef, Recipe
 from .steps import (CardData, StepSummary, card_data, config_folder, consistent_config, output_tokenizer,
                     step_summaries)
-from .vocab import Alignment, Member, align_step, vocab_tensors
+from .vocab import Alignment, align_step, members_of
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
            "stable_seed", "inputs_of", "order_groups", "assemble"]
@@ -111,10 +111,9 @@ class StepCompiler:
         self.seed = seed
         self.lookup = lookup  # ModelRef -> its source (models the step does not merge included)
         infos = {ref: src.info for ref, src in sources.items()}
-        members = _members(plan, sources)
-        self.alignment: Alignment | None = align_step(plan, members, lambda ref: lookup(ref).vocab())
+        self.alignment: Alignment | None = align_step(plan, members_of(plan, sources), lambda ref: lookup(ref).vocab())
         if self.alignment is not None:
-            infos = {ref: _aligned(info, self.alignment, ref) for ref, info in infos.items()}
+            infos = {ref: self.alignment.aligned(info, ref) for ref, info in infos.items()}
         self.layout: StepLayout = expand(plan, infos)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
@@ -179,24 +178,6 @@ class StepCompiler:
                      seeds, ot.shape, ot.dtype, ot.dtype)
 
 
-def _members(plan: MergePlan, sources: Mapping[ModelRef, Any]) -> list[Member]:
-    """The step's models that have an embedding, as vocabulary alignment sees them (plan order, base first)."""
-    out = []
-    for ref in plan.referenced_models():
-        info = sources[ref].info
-        rows, names = vocab_tensors(info.tensors, info.arch, info.config)
-        if rows is not None:
-            out.append(Member(ref, info.label, rows, names, sources[ref].vocab))
-    return out
-
-
-def _aligned(info: SourceInfo, al: Alignment, ref: ModelRef) -> SourceInfo:
-    """`info` with its vocabulary tensors as they are after alignment (the output's row count)."""
-    tensors = {name: (TensorInfo((al.size, *t.shape[1:]), t.dtype) if al.covers(ref, name) else t)
-               for name, t in info.tensors.items()}
-    return SourceInfo(info.label, tensors, info.config, info.arch)
-
-
 # ------------------------------------------------------------------------------------------------
 # the compiled recipe
 
@@ -255,9 +236,10 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
     graph, groups, needs = assemble(_decide_rounding(sinks))
-    specs = tuple(_output_spec(key, tensors, comp, files, recipe, max_shard_size)
+    specs = tuple(_output_spec(key, tensors, comp, files, recipe, max_shard_size, dtype if key == "" else None)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
+    warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
 
 
@@ -389,10 +371,10 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
 
 
 def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, files: Mapping[str, ModelFiles],
-                 recipe: Recipe, max_shard_size: int) -> OutputSpec:
+                 recipe: Recipe, max_shard_size: int, override: torch.dtype | None) -> OutputSpec:
     return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size),
                       consistent_config(comp.layout.config, tensors), comp.tokenizer, config_folder(comp),
-                      card_data(recipe, comp, tensors, files))
+                      card_data(recipe, comp, files, override))
 
 
 def describe(compiled: Compiled) -> dict[str, Any]:

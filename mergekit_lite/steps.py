@@ -149,7 +149,7 @@ def consistent_config(config: Mapping[str, Any], tensors: Any) -> dict[str, Any]
 
 # -- the model card ----------------------------------------------------------------------------
 
-def card_data(recipe: Recipe, comp: Any, tensors: Any, files: Mapping[str, ModelFiles]) -> CardData:
+def card_data(recipe: Recipe, comp: Any, files: Mapping[str, ModelFiles], override: Any = None) -> CardData:
     """The card of an output: every model the recipe reads (Hub ones with where they came from)."""
     steps = {s.name for s in recipe.steps if s.name}
     refs: list[ModelRef] = []
@@ -159,10 +159,11 @@ def card_data(recipe: Recipe, comp: Any, tensors: Any, files: Mapping[str, Model
                 refs.append(r)
     plan = comp.plan
     method = methods.get(plan.merge_method)
-    written, asked = written_dtype(tensors), plan.out_dtype or plan.dtype
+    asked = plan.out_dtype or plan.dtype
     note = None
-    if written and asked and written != dtype_name(parse_dtype(asked)):
-        note = f"Weights are written as {written} (the plan asks for {asked}; overridden when the merge ran)."
+    if override is not None and (asked is None or parse_dtype(asked) != override):
+        note = (f"Weights are written as {dtype_name(override)} (`--dtype {dtype_name(override)}`"
+                + (f"; the plan asks for {asked})." if asked else ")."))
     return CardData(recipe.text, plan.merge_method, tuple(_card_model(r, files.get(str(r))) for r in refs),
                     str(plan.base_model) if plan.base_model else None, method.paper,
                     (method.doc.split("\n\n")[0].replace("\n", " ") if method.doc else ""), note)

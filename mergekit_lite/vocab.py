@@ -33,8 +33,9 @@ import torch
 from .dtypes import element_size
 from .errors import MergeError, ShapeMismatch
 from .io.vocab import ADDED_FLAGS, TokenizerOutput, Vocab
-from .plan.schema import MergePlan, ModelRef
+from .plan.expand import SourceInfo, TensorInfo
 from .plan.recipe import TokenizerSpec, TokenSetting
+from .plan.schema import MergePlan, ModelRef
 
 _CHUNK_ROWS = 4096  # rows summed at a time for padding rows (bounded float32 scratch)
 
@@ -70,6 +71,18 @@ class Member:
     @cached_property
     def vocab(self) -> Vocab | None:
         return self._load()
+
+
+def members_of(plan: MergePlan, sources: Mapping[ModelRef, Any]) -> list[Member]:
+    """The step's models that have an embedding, as alignment sees them (plan order, base first);
+    `sources` give each model's headers (``.info``) and its vocabulary (``.vocab()``, read lazily)."""
+    out = []
+    for ref in plan.referenced_models():
+        info = sources[ref].info
+        rows, names = vocab_tensors(info.tensors, info.arch, info.config)
+        if rows is not None:
+            out.append(Member(ref, info.label, rows, names, sources[ref].vocab))
+    return out
 
 
 def check_same_rows(plan: MergePlan, members: list[Member], donor: ModelRef) -> None:
@@ -116,6 +129,7 @@ class Alignment:
         keep = len(donor_vocab) if full is not None and len(full) > len(donor_vocab) else None
         self.tokenizer = TokenizerOutput(None, tuple(added), keep)
         self._plans: dict[tuple, RowPlan] = {}
+        self.warnings: list[str] = []
 
     # -- the output vocabulary ---------------------------------------------------------------
     def _vocab(self, ref: ModelRef) -> Vocab:
@@ -179,10 +193,22 @@ class Alignment:
     def covers(self, ref: ModelRef, tensor: str) -> bool:
         return ref in self.members and tensor in self.members[ref].names
 
+    def aligned(self, info: SourceInfo, ref: ModelRef) -> SourceInfo:
+        """`info` with its vocabulary tensors as they are after alignment (the output's row count)."""
+        tensors = {name: (TensorInfo((self.size, *t.shape[1:]), t.dtype) if self.covers(ref, name) else t)
+                   for name, t in info.tensors.items()}
+        return SourceInfo(info.label, tensors, info.config, info.arch)
+
     def row_plan(self, refs: tuple[ModelRef, ...]) -> "RowPlan":
         """Where each output row of each of `refs`' tensors comes from (one plan per set of models)."""
         if refs not in self._plans:
-            self._plans[refs] = RowPlan.build(self, refs)
+            self._plans[refs] = plan = RowPlan.build(self, refs)
+            lost = [t for t, i in self.tokens.items() if plan.unsourced[i]]
+            if lost:
+                self.warnings.append(
+                    f"{len(lost)} token(s) of the output vocabulary ({', '.join(map(repr, lost[:5]))}) have no row in "
+                    f"{', '.join(self.members[r].label for r in refs)}, the model(s) an embedding or head tensor is "
+                    "made from: their rows there are zero (give them a source under tokenizer: tokens:)")
         return self._plans[refs]
 
 
@@ -191,8 +217,9 @@ class RowPlan:
     and the default rows' recipe (sums of model rows, divided by their counts). Compared by identity."""
 
     def __init__(self, size: int, own: list[torch.Tensor], default: torch.Tensor,
-                 contrib: list[tuple[torch.Tensor, torch.Tensor]], divisor: torch.Tensor):
+                 contrib: list[tuple[torch.Tensor, torch.Tensor]], divisor: torch.Tensor, unsourced: torch.Tensor):
         self.size = size  # output rows, padding included
+        self.unsourced = unsourced  # (n,) tokens no model has and no setting gives a row: zero rows
         self.n = int(default.numel())  # output tokens
         # per model: the row each token gathers (own row, or 0 when it takes a default) and the tokens
         # that take a default with the default's index; all index tensors are made here, not at run time
@@ -223,6 +250,7 @@ class RowPlan:
         if al.base in refs:
             src[auto & (count > 1) & have[refs.index(al.base)]] = refs.index(al.base)
         average = auto & (count > 1) & (src < 0)
+        unsourced = auto & (count == 0)
         default = torch.full((al.n,), -1, dtype=torch.long)
         default[needs] = torch.arange(int(needs.sum()))
         contrib = []
@@ -234,7 +262,7 @@ class RowPlan:
         divisor = torch.ones(int(needs.sum()))
         divisor[default[average]] = count[average].float()
         own = [torch.where(forced, -1, perms[i]) for i in range(len(refs))]
-        return cls(al.size, own, default, contrib, divisor)
+        return cls(al.size, own, default, contrib, divisor, unsourced)
 
     def workspace_bytes(self, row: tuple[int, ...], dtypes: list[torch.dtype]) -> int:
         """Float32 default rows, the rows gathered into them, the rows copied out of them, padding sums."""

@@ -193,11 +193,12 @@ def test_upload_to_a_new_branch_and_the_python_api(hub, env, tmp_path):
     repo = hub.state.repos["alice/api"]
     assert set(repo.branches) == {"main", "dev"} and url.endswith(repo.branches["dev"])
     assert hub.state.files("alice/api", "dev")["model.safetensors"] == folder_files(out)["model.safetensors"]
-    base = mergekit_lite.Model(f"{EXAMPLES}/base")
+    base = mergekit_lite.Model("team/base")  # models by id work the same from Python
     expr = base + 0.5 * (mergekit_lite.Model(f"{EXAMPLES}/ft_math") - base)
     expr.save(str(tmp_path / "expr"), upload=mergekit_lite.Upload("team/expr", private=True, endpoint=hub.url))
     assert hub.state.repos["team/expr"].private
     assert hub.state.files("team/expr").keys() >= set(folder_files(str(tmp_path / "expr")))
+    assert card_meta(str(tmp_path / "expr"))["base_model"] == ["team/base"]
 
 
 def test_upload_falls_back_to_lfs_when_the_hub_has_no_xet(hub, env, tmp_path, monkeypatch):

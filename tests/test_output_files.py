@@ -104,8 +104,9 @@ def test_dtype_override_is_what_config_and_card_say(models, tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["torch_dtype"] == cfg["dtype"] == "float16"
     assert {str(t.dtype) for t in load_dir(out).values()} == {"torch.float16"}
-    assert "Weights are written as float16 (the plan asks for bfloat16" in open(os.path.join(out, "README.md")).read()
-    assert open(os.path.join(out, "mergekit_config.yml")).read().endswith("overridden when the merge ran).\n")
+    note = "Weights are written as float16 (`--dtype float16`; the plan asks for bfloat16)."
+    assert note in open(os.path.join(out, "README.md")).read()
+    assert open(os.path.join(out, "mergekit_config.yml")).read().endswith(f"# {note}\n")
     base = mergekit_lite.Model(p["base"])
     (base + 0.5 * (mergekit_lite.Model(p["a"]) - base)).save(str(tmp_path / "bf16"), dtype="bfloat16")
     cfg = json.load(open(tmp_path / "bf16" / "config.json"))

@@ -230,6 +230,10 @@ def test_example_union_plan_rows(tmp_path):
         assert torch.equal(got[name][256:], ex["ft_chatml"][name][256:])
     assert output_vocab(out)["<|im_end|>"] == 257
     assert open(os.path.join(out, "chat_template.jinja")).read() == BUILTIN["chatml"]
+    transformers = pytest.importorskip("transformers")
+    # the example vocabulary has a gap (id 3); the new tokens still get the ids of their rows
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("<|im_start|> the <|im_end|>", add_special_tokens=False).input_ids == [256, 39, 257]
 
 
 def test_transformers_loads_the_union_with_its_tokenizer(vocab_models, tmp_path):
@@ -315,3 +319,20 @@ def test_tokenizer_keys_problems_are_all_reported_with_lines():
     (issue,) = info.value.issues
     assert (issue.line, issue.path) == (7, "tokenizer.tokens.y.source")
     assert "model elsewhere is not one of this step's models" in issue.message
+
+
+def test_slices_take_the_rows_their_models_have_and_warn_about_the_rest(vocab_models, tmp_path):
+    """A frankenmerge's embedding comes from the first slice's model and lm_head from the last's: a
+    token the first lacks gets a zero embedding row (as in mergekit), and the plan warns about it."""
+    from mergekit_lite.merge import compile_plan
+
+    text = ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: base, layer_range: [0, 2]}\n"
+            "  - sources:\n      - {model: b, layer_range: [2, 4]}\ntokenizer_source: union\n")
+    plan = write_plan(vocab_models["root"], text, "slices.yml")
+    warnings = compile_plan(plan).warnings
+    assert any("'<|im_start|>', '<|im_end|>') have no row in model 'base'" in w for w in warnings), warnings
+    out = str(tmp_path / "out")
+    mergekit_lite.run(plan, out)
+    got, b = load_dir(out), vocab_models["tensors"]["b"]
+    assert got["model.embed_tokens.weight"][256:].abs().sum() == 0
+    np.testing.assert_array_equal(got["lm_head.weight"].numpy(), b["lm_head.weight"])

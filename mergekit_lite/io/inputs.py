@@ -26,9 +26,7 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFile
         if (ref.path in step_names and ref.revision is None) or str(ref) in files:
             continue
         try:
-            found = locate_model(ref.path, ref.revision, plan_dir, endpoint)
-            files[str(ref)] = open_model(found.path)
-            files[str(ref)].hub = found.hub
+            files[str(ref)] = open_located(ref.path, ref.revision, plan_dir, endpoint)
         except ModelNotFound as exc:
             hint = ""
             if step_names and "/" not in ref.path:
@@ -38,6 +36,14 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFile
         raise ModelNotFound(problems[0])
     if problems:
         raise ModelNotFound("cannot open the models:\n" + "\n".join(f"  - {p}" for p in problems))
+    return files
+
+
+def open_located(path: str, revision: str | None, plan_dir: str | None, endpoint: str | None = None) -> ModelFiles:
+    """Resolve one model reference and index it, remembering where it came from on the Hub."""
+    found = locate_model(path, revision, plan_dir, endpoint)
+    files = open_model(found.path)
+    files.hub = found.hub
     return files
 
 
