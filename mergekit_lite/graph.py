@@ -129,7 +129,10 @@ class StepCompiler:
         """The vocabulary of this step's output, for a later step that aligns it."""
         if self.alignment is not None:
             al = self.alignment
-            return Vocab(dict(al.tokens), {t: dict(f) for t, _, f in al.tokenizer.added})
+            donor = self.lookup(al.donor).vocab()
+            added = {t: e for t, e in (donor.added if donor else {}).items() if t in al.tokens}
+            added.update({t: dict(f) for t, _, f in al.tokenizer.added})
+            return Vocab(dict(al.tokens), added)
         return self.lookup(self.tokenizer_ref).vocab()
 
     @property

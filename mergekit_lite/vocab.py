@@ -44,7 +44,8 @@ class VocabularyMismatch(ShapeMismatch):
     """Models whose vocabularies differ, merged without a tokenizer setting."""
 
 
-def vocab_tensors(tensors: Mapping[str, Any], arch: Any, config: Mapping[str, Any]) -> tuple[int | None, tuple[str, ...]]:
+def vocab_tensors(tensors: Mapping[str, Any], arch: Any, config: Mapping[str, Any]
+                  ) -> tuple[int | None, tuple[str, ...]]:
     """The embedding's row count and the names of the tensors indexed by token (axis 0): the input
     embedding (the embedding-section matrix with ``vocab_size`` rows, else the one with the most
     rows) and the head tensors with that many rows (``lm_head``, ``embed_out``, their biases)."""
@@ -126,7 +127,8 @@ class Alignment:
         for t, i in self.tokens.items():
             self.by_id[i] = t
         self.perm = {m.ref: self._permutation(m) for m in members}
-        keep = len(donor_vocab) if full is not None and len(full) > len(donor_vocab) else None
+        # the donor's tokenizer lists tokens past its embedding rows: they are dropped from its files
+        keep = self.members[self.donor].rows if full is not None and len(full) > len(donor_vocab) else None
         self.tokenizer = TokenizerOutput(None, tuple(added), keep)
         self._plans: dict[tuple, RowPlan] = {}
         self.warnings: list[str] = []
@@ -184,10 +186,14 @@ class Alignment:
                              for i, t in enumerate(self.by_id)], dtype=torch.long)
 
     def identity(self) -> bool:
-        """Every model already has the output vocabulary, row for row: nothing to align."""
+        """Nothing to align: no token appended, dropped or configured, and every model has the output's
+        tokens at the same ids and as many rows (padding rows past the tokens are then kept as they are)."""
+        tok = self.tokenizer
+        if tok.added or tok.keep_below is not None or self.settings or self.spec.pad_to_multiple_of:
+            return False
         ident = torch.arange(self.n)
-        return self.size == self.n and all(
-            m.rows == self.n and torch.equal(self.perm[r], ident) for r, m in self.members.items())
+        return len({m.rows for m in self.members.values()}) == 1 and all(
+            m.rows >= self.n and torch.equal(self.perm[r], ident) for r, m in self.members.items())
 
     # -- per tensor ---------------------------------------------------------------------------
     def covers(self, ref: ModelRef, tensor: str) -> bool:
@@ -336,4 +342,4 @@ def align_step(plan: MergePlan, members: list[Member], vocab_of: Callable) -> Al
     if all(m.vocab is None for m in members) and len({m.rows for m in members}) == 1:
         return None  # nothing to read and nothing to align: the donor's files are copied as before
     al = Alignment(spec, members, base, vocab_of)
-    return None if al.identity() and not al.tokenizer.added and al.tokenizer.keep_below is None else al
+    return None if al.identity() else al

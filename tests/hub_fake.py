@@ -184,7 +184,8 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{req.get('organization') or user}/{req['name']}"
         url = f"{self.base}/{repo_id}"
         if not self.state.can_write(user, repo_id):
-            raise HubError(403, f"You don't have the rights to create a model under the namespace {repo_id.split('/')[0]}")
+            raise HubError(403, "You don't have the rights to create a model under the namespace "
+                           f"{repo_id.split('/')[0]}")
         if repo_id in self.state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": url})
         self.state.add_repo(repo_id, private=req.get("visibility") == "private" or bool(req.get("private")))
@@ -313,7 +314,8 @@ class Handler(BaseHTTPRequestHandler):
                     raise HubError(422, f"LFS object {value['oid']} was not uploaded")
                 tree[value["path"]] = (data, True)
             elif key in ("deletedFile", "deletedFolder"):
-                tree = {p: v for p, v in tree.items() if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")}
+                gone = value["path"].rstrip("/")
+                tree = {p: v for p, v in tree.items() if p != gone and not p.startswith(gone + "/")}
         if header is None or not header.get("summary"):
             raise HubError(400, "a commit needs a header with a summary")
         sha = self.state.new_sha(g["repo"], header["summary"])

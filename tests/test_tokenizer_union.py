@@ -336,3 +336,23 @@ def test_slices_take_the_rows_their_models_have_and_warn_about_the_rest(vocab_mo
     got, b = load_dir(out), vocab_models["tensors"]["b"]
     assert got["model.embed_tokens.weight"][256:].abs().sum() == 0
     np.testing.assert_array_equal(got["lm_head.weight"].numpy(), b["lm_head.weight"])
+
+
+def test_same_vocabularies_are_merged_untouched_padding_rows_included(vocab_models, tmp_path):
+    """tokenizer_source on models that already share a vocabulary changes nothing: the merge is the plain
+    one, padding rows past the tokens included (mergekit would drop them)."""
+    root = tmp_path / "padded"
+    for name in ("base", "a"):
+        tensors = dict(vocab_models["tensors"][name])
+        for n in VOCAB_TENSORS:
+            tensors[n] = np.concatenate([tensors[n], np.full((8, 64), 0.01, np.float32)])
+        folder = str(root / name)
+        save_model(folder, tensors, {**LLAMA_CONFIG, "vocab_size": 264}, tokenizer=False)
+        write_clean_tokenizer(folder, WORDS)
+    text = "merge_method: linear\nmodels:\n  - model: base\n  - model: a\nparameters: {weight: 0.5}\n"
+    plain = run_plan({"root": str(root)}, tmp_path, text, "plain.yml")
+    for setting in ("base", "union", "a"):
+        out = run_plan({"root": str(root)}, tmp_path, text + f"tokenizer_source: {setting}\n", f"{setting}.yml")
+        assert open(os.path.join(out, "model.safetensors"), "rb").read() == \
+            open(os.path.join(plain, "model.safetensors"), "rb").read()
+    assert json.load(open(os.path.join(plain, "config.json")))["vocab_size"] == 264

@@ -80,7 +80,8 @@ def _relative_imports(code: str) -> list[str]:
         if module:
             out.append(module)
         else:
-            out += [n.strip().split(" ")[0] for n in names.strip("()").split(",") if _MODULE.match(n.strip().split(" ")[0])]
+            names = [n.strip().split(" ")[0] for n in names.strip("()").split(",")]  # "x as y" imports x
+            out += [n for n in names if _MODULE.match(n)]
     return out
 
 
