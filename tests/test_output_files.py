@@ -21,7 +21,8 @@ import mergekit_lite
 from mergekit_lite.cli import main
 from mergekit_lite.io.card import card_metadata
 
-from conftest import REPO, load_dir, write_plan
+from conftest import REPO, load_dir
+from test_engine import ta_plan
 
 TASK = os.path.join(REPO, "merge_configs", "task_arithmetic.yml")
 
@@ -38,19 +39,6 @@ def copy_models(models, tmp_path, names=("base", "a", "b")) -> dict[str, str]:
         out[name] = str(tmp_path / "m" / name)
         shutil.copytree(models["paths"][name], out[name])
     return out
-
-
-def ta_plan(tmp_path, p, extra: str = "") -> str:
-    return write_plan(tmp_path, f"""
-        merge_method: task_arithmetic
-        base_model: {p['base']}
-        models:
-          - model: {p['a']}
-            parameters: {{weight: 0.7}}
-          - model: {p['b']}
-            parameters: {{weight: 0.5}}
-        {extra}
-        """)
 
 
 @pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
