@@ -9,7 +9,19 @@ Python API::
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/", upload="org/name")                 # ... and publish it on the Hub
+
+Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
+line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
+must answer at once. So this module imports nothing heavy itself: ``mergekit_lite.Model`` imports
+the API (and torch) the first time it is used. The errors are plain Python and are imported here.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -21,36 +33,52 @@ from .errors import (  # noqa: E402
     PlanError,
     ShapeMismatch,
     TensorNotFound,
+    UploadFailed,
 )
-from .api import Expr, Model, TaskVector, merge  # noqa: E402
-from .stacking import LayerRange, stack  # noqa: E402
-from .merge import Options, compile_plan, run  # noqa: E402
-from .io.hub import Upload, UploadFailed, upload  # noqa: E402
-from .methods import REGISTRY as METHODS  # noqa: E402
-from .plan.schema import load_plan, parse_plan  # noqa: E402
 
-__all__ = [
-    "__version__",
-    "Model",
-    "Expr",
-    "TaskVector",
-    "LayerRange",
-    "stack",
-    "merge",
-    "run",
-    "upload",
-    "Upload",
-    "UploadFailed",
-    "compile_plan",
-    "parse_plan",
-    "load_plan",
-    "Options",
-    "METHODS",
-    "MergeError",
-    "PlanError",
-    "ModelNotFound",
-    "TensorNotFound",
-    "ShapeMismatch",
-    "BudgetExceeded",
-    "OutputExists",
-]
+# exported name -> (module, attribute)
+_LAZY = {
+    "Model": (".api", "Model"),
+    "Expr": (".api", "Expr"),
+    "TaskVector": (".api", "TaskVector"),
+    "merge": (".api", "merge"),
+    "LayerRange": (".stacking", "LayerRange"),
+    "stack": (".stacking", "stack"),
+    "Options": (".merge", "Options"),
+    "compile_plan": (".merge", "compile_plan"),
+    "run": (".merge", "run"),
+    "upload": (".io.hub", "upload"),
+    "Upload": (".io.hub", "Upload"),
+    "METHODS": (".methods", "REGISTRY"),
+    "load_plan": (".plan.schema", "load_plan"),
+    "parse_plan": (".plan.schema", "parse_plan"),
+}
+
+__all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",
+           "BudgetExceeded", "OutputExists", "UploadFailed"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    object.__setattr__(sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mergekit_lite.merge`` the API function: importing the runner submodule
+    ``mergekit_lite.merge`` would otherwise rebind the package attribute of the same name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "merge" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -32,7 +32,7 @@ from .arch import detect
 from .dtypes import numel
 from .errors import TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
-from .io.writer import PlannedTensor, ShardLayout
+from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
 from .io.vocab import TokenizerOutput, Vocab
 from .nodes import NODE_KINDS, AlignVocab, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
@@ -106,7 +106,8 @@ class StepCompiler:
     """One step: its vocabulary alignment, its expanded layout, and its nodes built on demand per
     (tensor, group)."""
 
-    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, lookup: Any):
+    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, lookup: Any,
+                 allow_crimes: bool = False):
         self.sources = sources
         self.seed = seed
         self.lookup = lookup  # ModelRef -> its source (models the step does not merge included)
@@ -114,7 +115,7 @@ class StepCompiler:
         self.alignment: Alignment | None = align_step(plan, members_of(plan, sources), lambda ref: lookup(ref).vocab())
         if self.alignment is not None:
             infos = {ref: self.alignment.aligned(info, ref) for ref, info in infos.items()}
-        self.layout: StepLayout = expand(plan, infos)
+        self.layout: StepLayout = expand(plan, infos, allow_crimes=allow_crimes)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
         self._nodes: dict[tuple[str, str], NodeBase] = {}
@@ -224,12 +225,13 @@ class Compiled:
 
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
-                   max_shard_size: int = 5 * 10**9) -> Compiled:
+                   max_shard_size: int | ShardLimit = 5 * 10**9, allow_crimes: bool = False) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
-    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors."""
-    compilers = _compile_steps(recipe, files, seed)
+    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
+    `allow_crimes` lets models of different architectures be merged (mergekit's --allow-crimes)."""
+    compilers = _compile_steps(recipe, files, seed, allow_crimes)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
     outputs = {"": (planned, final)}
@@ -254,7 +256,8 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None) -> dict[str, StepCompiler]:
+def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
+                   allow_crimes: bool) -> dict[str, StepCompiler]:
     sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
 
@@ -269,7 +272,7 @@ def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | 
     for step in recipe.steps:
         step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
         compilers[step.name or ""] = StepCompiler(step, {ref: lookup(ref) for ref in step.referenced_models()},
-                                                  step_seed, lookup)
+                                                  step_seed, lookup, allow_crimes)
     return compilers
 
 
@@ -374,7 +377,7 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
 
 
 def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, files: Mapping[str, ModelFiles],
-                 recipe: Recipe, max_shard_size: int, override: torch.dtype | None) -> OutputSpec:
+                 recipe: Recipe, max_shard_size: int | ShardLimit, override: torch.dtype | None) -> OutputSpec:
     return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size),
                       consistent_config(comp.layout.config, tensors), comp.tokenizer, config_folder(comp),
                       card_data(recipe, comp, files, override))

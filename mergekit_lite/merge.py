@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -25,10 +26,11 @@ from .io.inputs import open_inputs
 from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
 from .io.vocab import write_tokenizer
-from .io.writer import OutputFolder, ShardedWriter, parse_size
+from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
 DEFAULT_SHARD_SIZE = "5GB"
+_BARE_B = re.compile(r"^\s*\d+(\.\d+)?\s*[bB]\s*$")  # "1B": bytes to Hugging Face, 10⁹ to mergekit
 
 
 @dataclass
@@ -41,9 +43,15 @@ class Options:
     overwrite: bool = False
     quiet: bool = True
     seed: int | None = None
-    dtype: str | None = None  # override of the written dtype
+    dtype: str | torch.dtype | None = None  # override of the written dtype
     read_threads: int = 2
     endpoint: str | None = None  # the Hub to download from (None: HF_ENDPOINT, else huggingface.co)
+    upload: Upload | str | None = None  # publish the finished output to this Hub repo ("org/name" or an Upload)
+    # mergekit's --out-shard-size: parameters per shard ("1B" = 10⁹); wins over max_shard_size
+    out_shard_size: str | int | None = None
+    copy_tokenizer: bool = True  # copy the tokenizer donor's files into the output
+    write_model_card: bool = True  # README.md (the model card) and mergekit_config.yml
+    allow_crimes: bool = False  # merge models of different architectures (their tensors must agree)
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -53,14 +61,17 @@ class Options:
         except ValueError as exc:
             raise MergeError(f"--max-memory: {exc}") from None
 
-    def shard_size(self) -> int:
-        try:
-            size = parse_size(self.max_shard_size)
-        except ValueError as exc:
-            raise MergeError(f"--max-shard-size: {exc}") from None
-        if size <= 0:
-            raise MergeError("--max-shard-size must be positive")
-        return size
+    def shard_size(self) -> int | ShardLimit:
+        """Bytes per shard (``max_shard_size``), or parameters per shard (``out_shard_size``)."""
+        if self.out_shard_size is not None:
+            return ShardLimit(_positive_size("--out-shard-size", parse_count, self.out_shard_size), "parameters")
+        value = self.max_shard_size
+        if isinstance(value, str) and _BARE_B.match(value):
+            n = value.strip()[:-1].strip()
+            raise MergeError(f"--max-shard-size {value}: ambiguous: in bytes (Hugging Face's unit, this option's) "
+                             f"that is {n} byte(s), in mergekit's unit {n} billion parameters; write {n}GB for "
+                             f"bytes, or use --out-shard-size {value.strip()} (parameters, as mergekit)")
+        return _positive_size("--max-shard-size", parse_size, value)
 
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is None:
@@ -68,7 +79,18 @@ class Options:
         try:
             return parse_dtype(self.dtype)
         except KeyError:
-            raise MergeError(f"unknown dtype {self.dtype!r}; allowed: float32, float16, bfloat16") from None
+            raise MergeError(f"unknown dtype {self.dtype!r}; allowed: float32, float16, bfloat16 (as strings or "
+                             "torch dtypes)") from None
+
+
+def _positive_size(flag: str, parse, value: str | int) -> int:
+    try:
+        size = parse(value)
+    except ValueError as exc:
+        raise MergeError(f"{flag}: {exc}") from None
+    if size <= 0:
+        raise MergeError(f"{flag} must be positive")
+    return size
 
 
 def load(plan: str | os.PathLike | Recipe) -> Recipe:
@@ -90,26 +112,25 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files, endpoint=options.endpoint)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
-                          max_shard_size=options.shard_size())
+                          max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes)
 
 
-def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, *,
-        upload: Upload | str | None = None, **kwargs: Any) -> Stats:
-    """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`, then
-    publish it to the Hub when `upload` is given (``"org/name"`` or an :class:`Upload`).
+def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
+    """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`.
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
-    ``overwrite``, ``quiet``, ``seed``, ``dtype``, ``endpoint``). Returns the run's :class:`Stats`.
+    ``overwrite``, ``quiet``, ``seed``, ``dtype`` (a string or a torch dtype), ``out_shard_size``,
+    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, ``endpoint``, ``upload``: a Hub repo
+    to publish the finished folder to). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
-    stats = execute(compiled, os.fspath(out), options)
-    publish(out, upload, options)
-    return stats
+    return execute(compiled, os.fspath(out), options)
 
 
 def publish(out: str | os.PathLike, target: Upload | str | None, options: Options) -> str | None:
-    """Upload a finished output folder (`target` None: nothing to do); the run's endpoint is the default."""
+    """Upload a finished output folder (`target` None: nothing to do); the run's endpoint is the default.
+    A failed upload raises :class:`~mergekit_lite.errors.UploadFailed` and leaves the folder as it is."""
     if target is None:
         return None
     up = Upload.of(target)
@@ -134,24 +155,30 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
         stats = executor.execute()
         for spec in compiled.outputs:
             writers[spec.key].finish()
-            finish_folder(folders[spec.key].tmp, spec, os.path.basename(os.path.normpath(spec.key or out)))
+            finish_folder(folders[spec.key].tmp, spec, options, os.path.basename(os.path.normpath(spec.key or out)))
         for folder in folders.values():
             folder.commit()
+    publish(out, options.upload, options)
     return stats
 
 
-def finish_folder(folder: str, spec: OutputSpec, name: str) -> None:
-    """The non-tensor files of an output folder: config, tokenizer, the config's companions (generation
-    config, custom code), the model card."""
+def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None, name: str = "") -> None:
+    """The non-tensor files of an output folder: config and the custom code its ``auto_map`` names; the
+    tokenizer and generation config (unless ``copy_tokenizer`` is off; a vocabulary built by the merge is
+    always written, the rows need it); the model card (unless ``write_model_card`` is off)."""
+    options = options or Options()
     write_config(folder, dict(spec.config))
-    write_tokenizer(spec.tokenizer, folder)
-    copy_generation_config(spec.config_folder, folder)
     copy_custom_code(spec.config_folder, folder, spec.config.get("auto_map"))
-    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tokenizer_config):
-        with open(tokenizer_config, encoding="utf-8") as fh:
-            copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
-    write_card(folder, spec.card, name, spec.kind)
+    if options.copy_tokenizer or spec.tokenizer.added or spec.tokenizer.keep_below is not None:
+        write_tokenizer(spec.tokenizer, folder)
+        tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(tokenizer_config):
+            with open(tokenizer_config, encoding="utf-8") as fh:
+                copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
+    if options.copy_tokenizer:
+        copy_generation_config(spec.config_folder, folder)
+    if options.write_model_card:
+        write_card(folder, spec.card, name or os.path.basename(os.path.normpath(folder)), spec.kind)
 
 
 __all__ = ["Options", "Upload", "run", "execute", "publish", "compile_plan", "parse_plan", "load_plan"]

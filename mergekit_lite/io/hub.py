@@ -25,15 +25,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MergeError
+from ..errors import MergeError, UploadFailed
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "on", "yes", "true"}
-
-
-class UploadFailed(MergeError):
-    """An upload to the Hub failed; the local output folder is intact."""
 
 
 def endpoint_url(explicit: str | None = None) -> str:
