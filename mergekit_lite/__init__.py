@@ -8,7 +8,7 @@ Python API::
     from mergekit_lite import Model
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
-    merged.save("out/")
+    merged.save("out/", upload="org/name")                 # ... and publish it on the Hub
 
     tuned = base.with_adapter("lora")                        # a PEFT adapter applied, as a model
     mergekit_lite.merge_adapters(["lora_a", "lora_b"], base="base", method="concat").save("out/lora")
@@ -40,6 +40,7 @@ from .errors import (  # noqa: E402
     PlanError,
     ShapeMismatch,
     TensorNotFound,
+    UploadFailed,
 )
 
 # exported name -> (module, attribute)
@@ -56,13 +57,15 @@ _LAZY = {
     "Options": (".merge", "Options"),
     "compile_plan": (".merge", "compile_plan"),
     "run": (".merge", "run"),
+    "upload": (".io.hub", "upload"),
+    "Upload": (".io.hub", "Upload"),
     "METHODS": (".methods", "REGISTRY"),
     "load_plan": (".plan.schema", "load_plan"),
     "parse_plan": (".plan.schema", "parse_plan"),
 }
 
 __all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",
-           "BudgetExceeded", "OutputExists"]
+           "BudgetExceeded", "OutputExists", "UploadFailed"]
 
 
 def __getattr__(name: str) -> Any:

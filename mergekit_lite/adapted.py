@@ -79,6 +79,15 @@ class AdaptedSource:
         info = inner.info
         self.info = SourceInfo(self.label, dict(info.tensors), info.config, info.arch)
 
+    def vocab(self) -> Any:
+        return self.inner.vocab()
+
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer()
+
+    def folder(self) -> str | None:
+        return self.inner.folder()
+
     def node(self, tensor: str, group: str) -> NodeBase:
         meta = self.adapter.replaced.get(tensor)
         if meta is not None:  # modules_to_save: the adapter's copy, in the base's dtype
@@ -98,7 +107,22 @@ class AdaptedSource:
                        info.shape, info.dtype)
 
 
-class DeltaSource:
+class _OverBase:
+    """Sources over the base of an adapter output: its vocabulary, tokenizer and folder are the base's."""
+
+    base: Any
+
+    def vocab(self) -> Any:
+        return self.base.vocab()
+
+    def tokenizer(self) -> Any:
+        return self.base.tokenizer()
+
+    def folder(self) -> str | None:
+        return self.base.folder()
+
+
+class DeltaSource(_OverBase):
     """An adapter as a task vector over `shapes` (the modules any adapter of the plan changes);
     the `whole` tensors (some adapter's modules_to_save) are full tensors: this adapter's, or the
     base's where it does not replace them."""
@@ -132,7 +156,7 @@ class DeltaSource:
         return MapValues(vector, "log", tensor, group) if self.log_space else vector
 
 
-class ConstantSource:
+class ConstantSource(_OverBase):
     """The base of a merge in delta space: every tensor is the identity (zeros; ones for IA3),
     but the `whole` tensors, which are the base's own."""
 

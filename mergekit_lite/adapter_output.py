@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 import os
 from collections import Counter
 from typing import Any, Mapping
@@ -35,7 +36,7 @@ from .dtypes import parse_dtype
 from .errors import MergeError, PlanError
 from .graph import Compiled, FileSource, OutputSpec, StepCompiler, assemble, step_seed
 from .io.adapters import PREFIX, AdapterFiles, LoraModule, Placement
-from .io.output import write_card
+from .io.vocab import TokenizerOutput
 from .io.writer import PlannedTensor, ShardLayout
 from .nodes import Pick, Write
 from .plan.expand import OutputTensor
@@ -90,9 +91,9 @@ def compile_adapter_output(recipe: Recipe, files: Mapping[str, Any], *, seed: in
             sinks.append(Write("", name, node, out_dtype or natural, ot.name))
     graph, groups, needs = assemble(sinks)
     config = static_config(step, kind, adapters, placed, base, whole)
-    card = card_data(recipe, step, {})
-    spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config, None,
-                      card, manifest)
+    card = card_data(recipe, SimpleNamespace(plan=step), files)
+    spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config,
+                      TokenizerOutput(None), None, card, manifest)
     return Compiled(recipe, graph, groups, needs, comp.layout, (spec,), step_summaries(recipe, {"": comp}),
                     tuple(recipe.warnings) + tuple(warnings))
 
@@ -180,7 +181,7 @@ def _delta_compiler(step: MergePlan, base: FileSource, adapters: Mapping[ModelRe
                                     for ref, a in adapters.items()}
     if plan.base_model is not None:
         sources[plan.base_model] = ConstantSource(plan.base_model, shapes, base, whole, kind, step.log_space)
-    return StepCompiler(plan, sources, seed)
+    return StepCompiler(plan, sources, seed, sources.__getitem__)
 
 
 def _outputs(step: MergePlan, comp: StepCompiler, ot: OutputTensor, placed: Mapping[ModelRef, dict[str, Placement]],
@@ -269,16 +270,11 @@ def ranked_config(config: Mapping[str, Any], manifest: Manifest) -> dict[str, An
     return out
 
 
-def finish_adapter_folder(folder: str, spec: OutputSpec, card: bool = True) -> None:
-    """adapter_config.json (with the ranks the run recorded) and the card (library_name: peft)."""
+def write_adapter_config(folder: str, spec: OutputSpec) -> None:
+    """adapter_config.json, with the ranks the run recorded."""
     with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as fh:
         json.dump(ranked_config(spec.config, spec.manifest), fh, indent=2)
         fh.write("\n")
-    if not card:
-        return
-    card = spec.card
-    write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
-               paper=card.paper, library="peft")
 
 
 def manifest_report(manifest: Manifest) -> str:

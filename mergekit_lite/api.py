@@ -27,10 +27,10 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import ModelFiles, open_located
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
-from .merge import Options, compile_plan, execute
+from .merge import Options, Upload, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
 
 if TYPE_CHECKING:
@@ -198,10 +198,10 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats."""
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None):
+        """Run the merge into the folder `out`, then publish it to the Hub repo `upload` if given; returns its Stats."""
         options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype)
+                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, upload=upload)
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
@@ -245,7 +245,7 @@ class Model(Expr):
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
 
     def with_adapter(self, adapter: str | os.PathLike, revision: str | None = None) -> "Model":

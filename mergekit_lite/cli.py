@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench|upload``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
 and exits with status 2; nothing is left in the output folder. ``run`` also takes mergekit's flags
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flags(p)
+    from .hub_cli import add_upload_options, add_upload_parser
+
+    add_upload_options(p, after_run=True)
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
     p.add_argument("plan", help="YAML merge plan")
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_extract import add_arguments as extract_arguments
 
     extract_arguments(p)
+    add_upload_parser(sub)
 
     p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
     from .bench import add_arguments
@@ -89,7 +93,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .dropin import run_command
 
-        return run_command(args)
+        code = run_command(args)
+        if code == 0 and args.upload:
+            from .hub_cli import upload_folder
+
+            return upload_folder(args, args.out, args.upload)
+        return code
+    if args.command == "upload":
+        from .hub_cli import upload_command
+
+        return upload_command(args)
     if args.command == "plan":
         from .report import plan_report
 

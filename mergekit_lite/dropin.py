@@ -29,14 +29,14 @@ REFUSED_COMMANDS = {
               "by mergekit-lite; write the plan to evaluate and run it with `mergekit-lite run`, or drive a search "
               "from Python (mergekit_lite.Model expressions read nothing until saved or iterated)",
     "tokensurgeon": "mergekit-tokensurgeon (transplanting another model's tokenizer and embeddings) is not "
-                    "supported by mergekit-lite; it merges models that share a vocabulary, with the tokenizer "
-                    "chosen by tokenizer_source:",
+                    "supported by mergekit-lite; models whose vocabularies differ are merged token by token with "
+                    "tokenizer_source: union (or base, or a model) in the plan",
 }
 REFUSED_COMMANDS.update({f"mergekit-{k}": v for k, v in list(REFUSED_COMMANDS.items())})
 
 # Options fields that mergekit-lite's own flags set; they win over the mergekit flag of the same
 # meaning (``run --seed 1 --random-seed 2`` seeds with 1).
-OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed")
+OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "endpoint")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

@@ -37,7 +37,8 @@ from .io.writer import PlannedTensor, ShardLayout
 from .merge import Options, execute
 from .nodes import Emit, Pick, Write
 from .plan.schema import ModelRef
-from .steps import CardData
+from .io.vocab import TokenizerOutput
+from .steps import CardData, card_model
 
 CONV1D_TYPES = {"gpt2"}  # models whose layer weights are stored [in, out] (transformers' Conv1D)
 
@@ -143,9 +144,11 @@ def _compile(base_name: str, ft_name: str, base: ModelFiles, ft: ModelFiles, kin
               "init_lora_weights": True, "inference_mode": True}
     text = (f"# mergekit-lite extract-lora\nbase: {base_name}\nfinetuned: {ft_name}\nrank: {rank}\n"
             + (f"rank_error: {rank_error:g}\n" if rank_error is not None else ""))
-    card = CardData(text, "extract-lora", (ft_name, base_name), base_name, "https://arxiv.org/abs/2106.09685")
-    spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config, None,
-                      card, manifest)
+    card = CardData(text, "extract-lora", (card_model(_ref(ft_name), ft), card_model(_ref(base_name), base)),
+                    base_name, "https://arxiv.org/abs/2106.09685", "A LoRA adapter approximating the fine-tune's "
+                    "difference from its base by a truncated SVD of each linear weight's delta.")
+    spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config,
+                      TokenizerOutput(None), None, card, manifest)
     return Compiled(None, graph, groups, needs, None, (spec,), ())
 
 

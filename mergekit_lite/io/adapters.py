@@ -117,6 +117,13 @@ class AdapterFiles:
     kind: str  # "lora" or "ia3"
     modules: dict[str, LoraModule | IA3Module]  # base tensor name -> module
     replaced: dict[str, TensorMeta] = field(default_factory=dict)  # base tensor name -> full tensor
+    hub: Any = None  # where it came from on the Hub (io.resolve.HubRef); None for a local adapter
+
+    def card_license(self) -> tuple[tuple[str, str], ...] | None:
+        """The license keys of its card (README.md front matter)."""
+        from .card import read_license
+
+        return read_license(self.path)
 
     @property
     def label(self) -> str:

@@ -18,16 +18,17 @@ from ..errors import ModelNotFound
 from ..plan.schema import ModelRef, Recipe
 from .adapters import AdapterFiles, open_adapter
 from .reader import ModelFiles, open_model
-from .resolve import resolve_model
+from .resolve import locate_model
 
 Opened = Union[ModelFiles, AdapterFiles]
 
 
-def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, Opened] | None = None
-                ) -> dict[str, Opened]:
+def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, Opened] | None = None,
+                endpoint: str | None = None) -> dict[str, Opened]:
     """Resolve and index every model and adapter the recipe names (headers only); `known` ones are
     reused. Keys are ``str(ModelRef)`` (a ``base+adapter`` reference opens its base and its adapter
-    under their own keys). Names of the recipe's steps are not models."""
+    under their own keys). Names of the recipe's steps are not models. Hub models are downloaded
+    from `endpoint` (None: ``HF_ENDPOINT`` or huggingface.co) and remember where they came from."""
     step_names = {s.name for s in recipe.steps if s.name}
     files: dict[str, Opened] = dict(known or {})
     problems: list[str] = []
@@ -35,7 +36,7 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, Opened] |
         if (ref.path in step_names and ref.revision is None and not is_adapter) or str(ref) in files:
             continue
         try:
-            files[str(ref)] = open_one(ref, plan_dir, is_adapter)
+            files[str(ref)] = open_one(ref, plan_dir, is_adapter, endpoint)
         except ModelNotFound as exc:
             hint = ""
             if step_names and "/" not in ref.path and not is_adapter:
@@ -48,18 +49,29 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, Opened] |
     return files
 
 
-def open_one(ref: ModelRef, plan_dir: str | None, is_adapter: bool = False) -> Opened:
+def open_located(path: str, revision: str | None, plan_dir: str | None, endpoint: str | None = None) -> ModelFiles:
+    """Resolve one model reference and index it, remembering where it came from on the Hub."""
+    found = locate_model(path, revision, plan_dir, endpoint)
+    files = open_model(found.path)
+    files.hub = found.hub
+    return files
+
+
+def open_one(ref: ModelRef, plan_dir: str | None, is_adapter: bool = False, endpoint: str | None = None) -> Opened:
     """Open one model (an adapter folder given as a model is refused) or one adapter."""
-    path = resolve_model(ref.path, ref.revision, plan_dir, adapter=is_adapter)
-    return open_adapter(path) if is_adapter else open_model(path)
+    if is_adapter:
+        found = locate_model(ref.path, ref.revision, plan_dir, endpoint, adapter=True)
+        adapter = open_adapter(found.path)
+        adapter.hub = found.hub
+        return adapter
+    return open_located(ref.path, ref.revision, plan_dir, endpoint)
 
 
 def _named(recipe: Recipe) -> Iterator[tuple[ModelRef, bool]]:
-    """Every model and adapter reference of every step (tokenizer sources included), in plan order,
-    each with whether it names an adapter."""
+    """Every model and adapter reference of every step (the tokenizer source included), in plan
+    order, each with whether it names an adapter."""
     for step in recipe.steps:
-        refs = step.referenced_models() + ([step.tokenizer_source] if isinstance(step.tokenizer_source, ModelRef)
-                                           else [])
+        refs = step.referenced_models() + (step.vocabulary.models() if step.vocabulary is not None else [])
         for ref in refs:
             if ref.adapter is not None:
                 yield ref.base, False

@@ -43,6 +43,41 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding row comes from (mergekit's ``tokens: {TOKEN: {source: ...}}``):
+    ``model`` (that model's row for the token), ``model_token`` (that model's row of another token
+    or id) or ``zero``."""
+
+    kind: str  # "model" | "model_token" | "zero"
+    model: ModelRef | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """One entry of ``tokenizer: tokens:``; ``force`` applies the source even to models that have the token."""
+
+    source: TokenSource | None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary of a step: ``tokenizer_source`` or the ``tokenizer:`` section."""
+
+    source: ModelRef | str  # "base", "union" or a model
+    tokens: tuple[tuple[str, TokenSetting], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+    def models(self) -> list[ModelRef]:
+        """Models the spec names (its source, the token sources)."""
+        refs = [self.source] if isinstance(self.source, ModelRef) else []
+        refs += [s.source.model for _, s in self.tokens if s.source is not None and s.source.model is not None]
+        return refs
+
+
+@dataclass(frozen=True)
 class InputModel:
     model: ModelRef
     parameters: Mapping[str, Any]
@@ -116,6 +151,8 @@ class MergePlan:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: ModelRef | str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     name: str | None = None
     save: str | None = None
     seed: int | None = None
@@ -140,6 +177,15 @@ class MergePlan:
         """Where the step's method is described (for the model card)."""
         return MOE_PAPER if self.moe is not None else self.method.paper
 
+    @property
+    def summary(self) -> str:
+        """One sentence on what the step's method does (for the model card)."""
+        if self.moe is not None:
+            return (f"A mixture of experts upcycled from dense models (gate mode {self.moe.gate_mode}, "
+                    f"{self.moe.experts_per_token} experts per token).")
+        doc = self.method.doc
+        return doc.split("\n\n")[0].replace("\n", " ") if doc else ""
+
     def referenced_models(self) -> list[ModelRef]:
         """Every model the step reads, in first-mention order, base first."""
         seen: list[ModelRef] = []
@@ -150,6 +196,14 @@ class MergePlan:
             if ref is not None and ref not in seen:
                 seen.append(ref)
         return seen
+
+    @property
+    def vocabulary(self) -> TokenizerSpec | None:
+        """The step's output vocabulary setting (``tokenizer:`` or ``tokenizer_source``), None without one:
+        then every model must have the same vocabulary and the donor's tokenizer is copied."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSpec(self.tokenizer_source) if self.tokenizer_source is not None else None
 
     def issue(self, path: Path, message: str) -> Issue:
         if self.doc is None:
