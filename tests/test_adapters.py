@@ -298,19 +298,3 @@ def test_no_merged_copy_is_written(tmp_path, monkeypatch):
     assert sorted(os.listdir("out")) == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors",
                                          "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert json.load(open("out/config.json"))["torch_dtype"] == "bfloat16"
-
-
-def test_a_hub_adapter_is_downloaded_with_the_adapter_files_only(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    def fake_download(repo_id, revision=None, allow_patterns=None, **kwargs):
-        calls.append((repo_id, revision, list(allow_patterns)))
-        return os.path.join(ADAPTERS, "lora_attn")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    got = fold(tmp_path, f"{BASE}+someone/lora-attn@v1")
-    assert calls == [("someone/lora-attn", "v1", ["adapter_config.json", "adapter_model.safetensors"])]
-    want = fold(tmp_path, f"{BASE}+{os.path.join(ADAPTERS, 'lora_attn')}")
-    assert all(torch.equal(got[k], want[k]) for k in want)
