@@ -30,12 +30,12 @@ from typing import Any, Mapping
 import torch
 
 from . import methods
-from .adapted import ConstantSource, DeltaSource, load, placements, ref_path
+from .adapted import ConstantSource, DeltaSource, load, placements
 from .adapter_nodes import Factorise, Manifest, MapValues, StackLora
 from .dtypes import parse_dtype
 from .errors import MergeError, PlanError
 from .graph import Compiled, FileSource, OutputSpec, StepCompiler, assemble, step_seed
-from .io.adapters import PREFIX, AdapterFiles, LoraModule, Placement
+from .io.adapters import PREFIX, AdapterFiles, Placement
 from .io.vocab import TokenizerOutput
 from .io.writer import PlannedTensor, ShardLayout
 from .nodes import Pick, Write

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 

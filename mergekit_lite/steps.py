@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from . import chat_templates, methods
+from . import chat_templates
 from .arch import detect, set_dotted
 from .dtypes import dtype_name, numel, parse_dtype
 from .io.reader import ModelFiles

@@ -16,7 +16,6 @@ values, model counts) are in :mod:`mergekit_lite.plan.checks`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
