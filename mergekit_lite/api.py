@@ -27,10 +27,10 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import ModelFiles, open_located
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
-from .merge import Options, compile_plan, execute
+from .merge import Options, Upload, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
 
 if TYPE_CHECKING:
@@ -198,11 +198,10 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True, block_size: str | int | None = None):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats.
-        Tensors larger than `block_size` (float32 bytes, default 64 MiB) stream in row blocks."""
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None, block_size=None):
+        """Run the merge into the folder `out`, then publish it to the Hub repo `upload` if given; returns its Stats."""
         options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, block_size=block_size)
+                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, upload=upload, block_size=block_size)
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
@@ -229,8 +228,7 @@ class Model(Expr):
     _leaf = True
 
     def __init__(self, path: str | os.PathLike, revision: str | None = None):
-        self.path = os.fspath(path)
-        self.revision = revision
+        self.path, self.revision = os.fspath(path), revision
         self._model_files: ModelFiles | None = None
 
     def __repr__(self) -> str:
@@ -243,13 +241,17 @@ class Model(Expr):
         yield self
 
     def _local(self) -> bool:
-        return self.revision is None and (os.path.exists(os.path.expanduser(self.path))
-                                          or not looks_like_repo_id(self.path))
+        return self.revision is None and (os.path.exists(os.path.expanduser(self.path)) or not looks_like_repo_id(self.path))
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
+
+    def with_adapter(self, adapter: str | os.PathLike, revision: str | None = None) -> "Model":
+        """This model with a PEFT adapter (LoRA, IA3) applied, ``BASE+ADAPTER`` (see :mod:`.api_adapters`)."""
+        from .api_adapters import AdaptedModel
+        return AdaptedModel(self, os.fspath(adapter), revision)._checked()
 
 
 class TaskVector:
@@ -414,9 +416,7 @@ def _add_terms(terms: tuple[tuple[Expr, float], ...], more: tuple[tuple[Expr, fl
 
 
 def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return isinstance(a, Model) and isinstance(b, Model) and (a.path, a.revision) == (b.path, b.revision)
+    return a is b or (isinstance(a, Model) and isinstance(b, Model) and str(a) == str(b))  # adapter included
 
 
 _ADDED = ("cannot add the models {a!r} and {b!r}: a sum of models is not a model (its weights add up to 2). "

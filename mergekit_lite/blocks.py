@@ -2,7 +2,7 @@
 memory is bounded by the block size, not by the largest tensor.
 
 A group (the work for one output tensor) is streamed when every node in it can run on row blocks
-(``rows``/``block`` in the node contract, :mod:`.nodes`) and its largest value has more than
+(``split_rows``/``block`` in the node contract, :mod:`.nodes`) and its largest value has more than
 ``block_numel`` entries. Each block becomes a group of its own: loads of the block's rows (a row
 range of a safetensors tensor is one contiguous read), the merges restricted to those rows, and
 sinks that write the rows at their place. The scheduler then reads block i+1 while block i is
@@ -77,7 +77,7 @@ class _Streamer:
 
     def blocks(self, nodes: list[Any]) -> list[tuple[int | None, int | None]]:
         """Row ranges to cut these nodes into: [(None, None)] when they stay whole."""
-        rows = {n.rows for n in nodes}
+        rows = {n.split_rows for n in nodes}
         largest = max((numel(s.shape) for n in nodes for s in n.outputs), default=0)
         if len(rows) != 1 or None in rows or largest <= self.block_numel:
             return [(None, None)]

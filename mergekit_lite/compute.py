@@ -85,7 +85,7 @@ class Merge(NodeBase):
         return factory(self.param_values(), self.whole_shape or self.shape) if factory else None
 
     @property
-    def rows(self) -> int | None:
+    def split_rows(self) -> int | None:
         return self.shape[0] if self.separable else None
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str, stats: Any = None) -> "Merge":

@@ -29,14 +29,14 @@ REFUSED_COMMANDS = {
               "by mergekit-lite; write the plan to evaluate and run it with `mergekit-lite run`, or drive a search "
               "from Python (mergekit_lite.Model expressions read nothing until saved or iterated)",
     "tokensurgeon": "mergekit-tokensurgeon (transplanting another model's tokenizer and embeddings) is not "
-                    "supported by mergekit-lite; it merges models that share a vocabulary, with the tokenizer "
-                    "chosen by tokenizer_source:",
+                    "supported by mergekit-lite; models whose vocabularies differ are merged token by token with "
+                    "tokenizer_source: union (or base, or a model) in the plan",
 }
 REFUSED_COMMANDS.update({f"mergekit-{k}": v for k, v in list(REFUSED_COMMANDS.items())})
 
 # Options fields that mergekit-lite's own flags set; they win over the mergekit flag of the same
 # meaning (``run --seed 1 --random-seed 2`` seeds with 1).
-OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "block_size",
+OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "endpoint", "block_size",
               "max_device_memory")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -108,8 +108,10 @@ def run_plan(plan: Any, out: str, options: Any) -> int:
         print(f"mergekit-lite: warning: {w}", file=sys.stderr)
     stats = execute(compiled, out, options)
     if not options.quiet:
+        from .adapter_output import print_reports
         from .io.writer import human_size
 
+        print_reports(compiled)  # adapter outputs: each module's rank and error
         print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {out} in "
               f"{stats.seconds:.1f}s on {stats.device}: {human_size(stats.throughput)}/s, "
               f"peak tensor memory {human_size(stats.peak_live_bytes)} (budget {human_size(stats.budget)})")
@@ -224,10 +226,10 @@ def multi_recipe(config_file: str, intermediate_dir: str, out_path: str | None, 
 
 def _sinks(docs: list) -> list[str]:
     """Names of the documents no other document uses as a model, in document order."""
-    from .plan.parser import StepParser
+    from .plan.schema import parser_for
 
     issues: list = []
-    plans = [StepParser(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
+    plans = [parser_for(d.data)(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
     if issues:
         raise PlanError(issues)
     used = {r.path for p in plans for r in p.referenced_models()}

@@ -154,6 +154,7 @@ class GroupRun:
         self.downloads: list[Any] = []  # events of results being copied back: CUDA only
         self.values: dict[Any, Any] = {}
         self.emitted: list[tuple[Any, str, torch.Tensor, int]] = []
+        self.moved: set[Any] = set()  # inputs whose bytes a sink's hold counts now (see _hold)
         # the reservation is returned when every hand-off has completed and the group has run
         self.pending = sum(1 for n in self.nodes if n.holds) + 1
         self._lock = threading.Lock()
@@ -255,7 +256,8 @@ class GroupRun:
                     self._alive(tensor_bytes(value))
             for dep in self.ledger.after(node):
                 gone = self.values.pop(dep) if dep in self.values else self.res.carried.pop(dep, None)
-                self._alive(-tensor_bytes(gone))
+                if dep not in self.moved:  # a sink's hold already counts it
+                    self._alive(-tensor_bytes(gone))
             while self.emitted:
                 sink, name, value, held = self.emitted.pop(0)
                 yield name, value
@@ -280,9 +282,13 @@ class GroupRun:
         self.res.meter.add(n)
 
     def _hold(self, sink: Any, own: Any = None) -> int:
-        """A sink keeps its inputs (and its own value) alive until its hand-off completes."""
+        """A sink keeps its inputs (and its own value) alive until its hand-off completes. An input
+        whose last consumer is this sink moves into the hold (the group stops counting it when the
+        ledger drops it), so a tensor read and written unchanged is never counted twice."""
         held = sum(tensor_bytes(self.values.get(d)) for d in sink.args) + tensor_bytes(own if sink.outputs else None)
-        self._alive(held)
+        moved = [d for d in sink.args if self.ledger.remaining.get(d) == 1]
+        self.moved.update(moved)
+        self._alive(held - sum(tensor_bytes(self.values.get(d)) for d in moved))
         return held
 
     def _done(self, sink: Any, held: int) -> None:

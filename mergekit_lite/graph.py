@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from . import methods
+from .adapted import AdaptedSource
 from .arch import detect
 from .blocks import BLOCK_NUMEL, stream
 from .dtypes import numel
@@ -35,10 +36,14 @@ from .io.reader import ModelFiles, TensorMeta
 from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
 from .compute import Merge
-from .nodes import NODE_KINDS, Emit, Load, NodeBase, Pick, Write, stable_seed
+from .dag import Dag
+from .io.vocab import TokenizerOutput, Vocab
+from .nodes import NODE_KINDS, AlignVocab, Emit, Load, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
-from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
+from .steps import (CardData, StepSummary, card_data, config_folder, consistent_config, output_tokenizer,
+                    step_summaries)
+from .vocab import Alignment, align_step, members_of
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
            "stable_seed", "inputs_of", "order_groups", "assemble"]
@@ -67,6 +72,15 @@ class FileSource:
         meta: TensorMeta = self.files.tensors[tensor]
         return Load(meta.file, tensor, group, meta.shape, meta.dtype, self.label, meta.offset)
 
+    def vocab(self) -> Vocab | None:
+        return self.files.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return TokenizerOutput(self.files.folder)
+
+    def folder(self) -> str:
+        return self.files.folder
+
 
 class StepSource:
     """The output of an earlier step, computed in the graph, never written unless asked for."""
@@ -81,32 +95,83 @@ class StepSource:
     def node(self, tensor: str, group: str) -> NodeBase:
         return self.compiler.node(tensor, group)
 
+    def vocab(self) -> Vocab | None:
+        return self.compiler.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return self.compiler.tokenizer
+
+    def folder(self) -> str | None:
+        return config_folder(self.compiler)
+
 
 class StepCompiler:
-    """One step: its expanded layout, and its nodes built on demand per (tensor, group)."""
+    """One step: its vocabulary alignment, its expanded layout, and its nodes built on demand per
+    (tensor, group)."""
 
-    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, allow_crimes: bool = False):
+    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, lookup: Any,
+                 allow_crimes: bool = False):
         self.sources = sources
         self.seed = seed
-        self.layout: StepLayout = expand(plan, {ref: src.info for ref, src in sources.items()},
-                                         allow_crimes=allow_crimes)
+        self.lookup = lookup  # ModelRef -> its source (models the step does not merge included)
+        infos = {ref: src.info for ref, src in sources.items()}
+        self.alignment: Alignment | None = align_step(plan, members_of(plan, sources), lambda ref: lookup(ref).vocab())
+        if self.alignment is not None:
+            infos = {ref: self.alignment.aligned(info, ref) for ref, info in infos.items()}
+        self.layout: StepLayout = expand(plan, infos, allow_crimes=allow_crimes)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
         self._nodes: dict[tuple[str, str], NodeBase] = {}
         self.save_sinks: dict[str, Write] = {}  # tensor -> Write, when the step has `save:`
 
+    @cached_property
+    def tokenizer(self) -> TokenizerOutput:
+        """The tokenizer of this step's output (see :func:`mergekit_lite.steps.output_tokenizer`)."""
+        return output_tokenizer(self)
+
+    def vocab(self) -> Vocab | None:
+        """The vocabulary of this step's output, for a later step that aligns it."""
+        if self.alignment is not None:
+            al = self.alignment
+            donor = self.lookup(al.donor).vocab()
+            added = {t: e for t, e in (donor.added if donor else {}).items() if t in al.tokens}
+            added.update({t: dict(f) for t, _, f in al.tokenizer.added})
+            return Vocab(dict(al.tokens), added)
+        return self.lookup(self.tokenizer_ref).vocab()
+
+    @property
+    def tokenizer_ref(self) -> ModelRef:
+        """The model whose tokenizer this step's output takes when it builds none."""
+        src = self.plan.tokenizer_source
+        if src == "base":
+            return self.plan.base_model or self.layout.donor
+        return src if isinstance(src, ModelRef) else self.layout.donor
+
     def node(self, tensor: str, group: str) -> NodeBase:
         key = (tensor, group)
         if key not in self._nodes:
             ot: OutputTensor = self.by_name[tensor]
-            node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
+            if ot.producer is not None:
+                node = ot.producer(self.sources, self.seed, group)
+            else:
+                node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
             self._nodes[key] = node
             if self.plan.save and tensor not in self.save_sinks:
                 self.save_sinks[tensor] = Write(self.plan.save, tensor, node, ot.dtype, group)
         return self._nodes[key]
 
+    def _input_nodes(self, ot: OutputTensor, group: str) -> list[NodeBase]:
+        """The nodes of the tensor's inputs (base last); vocabulary tensors go through their alignment."""
+        ins = list(ot.inputs) + ([ot.base] if ot.base else [])
+        nodes = [self.sources[i.ref].node(i.tensor, group) for i in ins]
+        al = self.alignment
+        if al is not None and any(al.covers(i.ref, i.tensor) for i in ins):
+            align = AlignVocab(ot.name, group, tuple(nodes), al.row_plan(tuple(i.ref for i in ins)))
+            nodes = [Pick(align, k, group) for k in range(len(nodes))]
+        return nodes
+
     def _copy(self, ot: OutputTensor, group: str) -> NodeBase:
-        node = self.sources[ot.inputs[0].ref].node(ot.inputs[0].tensor, group)
+        node = self._input_nodes(ot, group)[0]
         if node.dtype != ot.dtype:  # a copy written in another dtype: round it like any result
             node = Merge("passthrough", self.plan.name or "", ot.name, group, (node,), None, (),
                          (("scale", (1.0,)),), None, ot.shape, ot.dtype, ot.dtype)
@@ -114,8 +179,8 @@ class StepCompiler:
 
     def _merge(self, ot: OutputTensor, group: str) -> Merge:
         method = methods.get(self.plan.merge_method)
-        ins = tuple(self.sources[i.ref].node(i.tensor, group) for i in ot.inputs)
-        base = self.sources[ot.base.ref].node(ot.base.tensor, group) if ot.base else None
+        nodes = self._input_nodes(ot, group)
+        ins, base = tuple(nodes[:len(ot.inputs)]), (nodes[-1] if ot.base else None)
         seeds = None
         if method.random:
             seeds = tuple(stable_seed(self.seed, self.plan.name or "", ot.name, str(i.ref)) for i in ot.inputs)
@@ -132,12 +197,15 @@ class OutputSpec:
     """One output folder: what it holds, how it is sharded, where its other files come from."""
 
     key: str  # "" for the main output, else the folder of a step's ``save:``
-    kind: str  # "model" (a Hugging Face model folder)
+    kind: str  # "model" (a Hugging Face model folder) or "adapter" (a PEFT adapter folder)
     tensors: tuple[PlannedTensor, ...]
     layout: ShardLayout
-    config: Mapping[str, Any]
-    tokenizer_folder: str | None  # folder whose tokenizer files are copied
+    config: Mapping[str, Any]  # consistent with the tensors written (dtype, layers, vocab_size); for an
+    # adapter, adapter_config.json without the ranks
+    tokenizer: TokenizerOutput  # the donor's tokenizer files, extended when the vocabulary was aligned
+    config_folder: str | None  # the config donor's folder: generation config, custom code
     card: CardData
+    manifest: Any = None  # adapters: the ranks and errors of the modules, recorded while running
 
 
 @dataclass(frozen=True)
@@ -194,9 +262,10 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
     except ValueError as exc:  # a statistic over the whole model whose tensors disagree
         raise MergeError(str(exc)) from None
     graph, groups, needs = assemble(roots)
-    specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
+    specs = tuple(_output_spec(key, tensors, comp, files, recipe, max_shard_size, dtype if key == "" else None)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
+    warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
 
 
@@ -209,22 +278,34 @@ def assemble(roots: list[Any]) -> tuple[Dag, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes, order) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
+def _compile_steps(recipe: Recipe, files: Mapping[str, Any], seed: int | None,
                    allow_crimes: bool) -> dict[str, StepCompiler]:
-    file_sources: dict[str, FileSource] = {}
+    sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
+
+    def lookup(ref: ModelRef) -> Any:
+        """The source a reference names: an earlier step, else a model on disk (one object per model);
+        either with an adapter applied (:class:`~mergekit_lite.adapted.AdaptedSource`)."""
+        if ref.adapter is not None:
+            key = "adapted:" + str(ref)
+            if key not in sources:
+                sources[key] = AdaptedSource(ref, lookup(ref.base), files[str(ref.adapter)], step)
+            return sources[key]
+        is_step = ref.revision is None and ref.path in compilers
+        key = ("step:" if is_step else "file:") + str(ref)
+        if key not in sources:
+            sources[key] = StepSource(compilers[ref.path]) if is_step else FileSource(ref, files[str(ref)])
+        return sources[key]
+
     for step in recipe.steps:
-        sources: dict[ModelRef, Any] = {}
-        for ref in step.referenced_models():
-            if ref.revision is None and ref.path in compilers:
-                sources[ref] = StepSource(compilers[ref.path])
-            else:
-                if str(ref) not in file_sources:
-                    file_sources[str(ref)] = FileSource(ref, files[str(ref)])
-                sources[ref] = file_sources[str(ref)]
-        step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
-        compilers[step.name or ""] = StepCompiler(step, sources, step_seed, allow_crimes)
+        compilers[step.name or ""] = StepCompiler(step, {ref: lookup(ref) for ref in step.referenced_models()},
+                                                  step_seed(step, seed), lookup, allow_crimes)
     return compilers
+
+
+def step_seed(step: MergePlan, seed: int | None) -> int:
+    """The seed of a step's random methods: the run's override, else the plan's, else 0."""
+    return seed if seed is not None else (step.seed if step.seed is not None else 0)
 
 
 def _output_sinks(final: StepCompiler, dtype: torch.dtype | None, sink: str, only: Iterable[str] | None
@@ -296,48 +377,6 @@ def _rebuilt(value: Any, rebuild: Any) -> Any:
     return value
 
 
-class Dag:
-    """A directed graph of hashable nodes, in insertion order, with what the compiler, the ledger
-    and the executor ask of it (edges are sets: a node listing the same input twice has one edge).
-    Small on purpose: importing networkx for this cost a quarter of a second at every start."""
-
-    def __init__(self) -> None:
-        self._succ: dict[Any, dict[Any, None]] = {}
-        self._pred: dict[Any, dict[Any, None]] = {}
-
-    def add_node(self, node: Any) -> None:
-        if node not in self._succ:
-            self._succ[node] = {}
-            self._pred[node] = {}
-
-    def add_edge(self, a: Any, b: Any) -> None:
-        self.add_node(a)
-        self.add_node(b)
-        self._succ[a][b] = None
-        self._pred[b][a] = None
-
-    def successors(self, node: Any) -> Iterator[Any]:
-        return iter(self._succ[node])
-
-    def predecessors(self, node: Any) -> Iterator[Any]:
-        return iter(self._pred[node])
-
-    def out_degree(self, node: Any) -> int:
-        return len(self._succ[node])
-
-    def in_degree(self, node: Any) -> int:
-        return len(self._pred[node])
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._succ)
-
-    def __contains__(self, node: Any) -> bool:
-        return node in self._succ
-
-    def __len__(self) -> int:
-        return len(self._succ)
-
-
 def _build(sinks: list[Any]) -> Dag:
     graph = Dag()
     stack = list(sinks)
@@ -380,10 +419,11 @@ def order_groups(graph: Dag, roots: list[Any]) -> list[tuple[str, tuple[Any, ...
     return groups
 
 
-def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, compilers: Mapping[str, StepCompiler],
-                 files: Mapping[str, ModelFiles], recipe: Recipe, max_shard_size: int | ShardLimit) -> OutputSpec:
-    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size), comp.layout.config,
-                      tokenizer_folder(comp, compilers, files), card_data(recipe, comp.plan, compilers))
+def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, files: Mapping[str, ModelFiles],
+                 recipe: Recipe, max_shard_size: int | ShardLimit, override: torch.dtype | None) -> OutputSpec:
+    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size),
+                      consistent_config(comp.layout.config, tensors), comp.tokenizer, config_folder(comp),
+                      card_data(recipe, comp, files, override))
 
 
 def describe(compiled: Compiled) -> dict[str, Any]:

@@ -7,6 +7,7 @@ finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from contextlib import ExitStack
@@ -15,14 +16,18 @@ from typing import Any, Iterable
 
 import torch
 
+from .adapter_output import compile_adapter_output, write_adapter_config
 from .dtypes import parse_dtype
 from .errors import MergeError
 from .executor import Executor, Stats, auto_budget
 from .blocks import BLOCK_NUMEL
 from .graph import Compiled, OutputSpec, compile_recipe
+from .io.card import write_card
+from .io.hub import Upload, upload
 from .io.inputs import open_inputs
-from .io.output import copy_tokenizer, write_card, write_config
+from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
+from .io.vocab import write_tokenizer
 from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
@@ -42,6 +47,8 @@ class Options:
     seed: int | None = None
     dtype: str | torch.dtype | None = None  # override of the written dtype
     read_threads: int = 2
+    endpoint: str | None = None  # the Hub to download from (None: HF_ENDPOINT, else huggingface.co)
+    upload: Upload | str | None = None  # publish the finished output to this Hub repo ("org/name" or an Upload)
     # mergekit's --out-shard-size: parameters per shard ("1B" = 10⁹); wins over max_shard_size
     out_shard_size: str | int | None = None
     copy_tokenizer: bool = True  # copy the tokenizer donor's files into the output
@@ -127,7 +134,9 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
     recipe = load(plan)
     if plan_dir is None and os.path.exists(recipe.file):
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
-    opened = open_inputs(recipe, plan_dir, known=files)
+    opened = open_inputs(recipe, plan_dir, known=files, endpoint=options.endpoint)
+    if recipe.output.output == "adapter":
+        return compile_adapter_output(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes,
                           block_numel=options.block_numel())
@@ -138,12 +147,23 @@ def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Optio
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
     ``overwrite``, ``quiet``, ``seed``, ``dtype`` (a string or a torch dtype), ``out_shard_size``,
-    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, ``block_size``). Returns the run's
-    :class:`Stats`.
+    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, ``endpoint``, ``upload``: a Hub repo
+    to publish the finished folder to, ``block_size``). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
     return execute(compiled, os.fspath(out), options)
+
+
+def publish(out: str | os.PathLike, target: Upload | str | None, options: Options) -> str | None:
+    """Upload a finished output folder (`target` None: nothing to do); the run's endpoint is the default.
+    A failed upload raises :class:`~mergekit_lite.errors.UploadFailed` and leaves the folder as it is."""
+    if target is None:
+        return None
+    up = Upload.of(target)
+    if up.endpoint is None and options.endpoint is not None:
+        up = Upload(up.repo_id, up.private, up.revision, up.commit_message, options.endpoint, up.token)
+    return upload(os.fspath(out), up)
 
 
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
@@ -163,24 +183,39 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
         stats = executor.execute()
         for spec in compiled.outputs:
             writers[spec.key].finish()
-            finish_folder(folders[spec.key].tmp, spec, options)
+            finish_folder(folders[spec.key].tmp, spec, options, os.path.basename(os.path.normpath(spec.key or out)))
         for folder in folders.values():
             folder.commit()
+    publish(out, options.upload, options)
     return stats
 
 
-def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None) -> None:
-    """The non-tensor files of an output folder: config, tokenizer (unless ``copy_tokenizer`` is
-    off), model card (unless ``write_model_card`` is off)."""
+def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None, name: str = "") -> None:
+    """The non-tensor files of an output folder: config and the custom code its ``auto_map`` names; the
+    tokenizer and generation config (unless ``copy_tokenizer`` is off; a vocabulary built by the merge is
+    always written, the rows need it); the model card (unless ``write_model_card`` is off). An adapter
+    folder gets adapter_config.json and the card."""
     options = options or Options()
+    if spec.kind == "adapter":
+        write_adapter_config(folder, spec)
+    else:
+        _model_files(folder, spec, options)
+    if options.write_model_card:
+        write_card(folder, spec.card, name or os.path.basename(os.path.normpath(folder)), spec.kind)
+
+
+def _model_files(folder: str, spec: OutputSpec, options: Options) -> None:
+    """config.json, custom code, tokenizer and generation config of a model folder."""
     write_config(folder, dict(spec.config))
+    copy_custom_code(spec.config_folder, folder, spec.config.get("auto_map"))
+    if options.copy_tokenizer or spec.tokenizer.added or spec.tokenizer.keep_below is not None:
+        write_tokenizer(spec.tokenizer, folder)
+        tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(tokenizer_config):
+            with open(tokenizer_config, encoding="utf-8") as fh:
+                copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
     if options.copy_tokenizer:
-        copy_tokenizer(spec.tokenizer_folder, folder)
-    if not options.write_model_card:
-        return
-    card = spec.card
-    write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
-               paper=card.paper)
+        copy_generation_config(spec.config_folder, folder)
 
 
-__all__ = ["Options", "run", "execute", "compile_plan", "parse_plan", "load_plan"]
+__all__ = ["Options", "Upload", "run", "execute", "publish", "compile_plan", "parse_plan", "load_plan"]

@@ -11,9 +11,9 @@ A node is a small frozen record. Its kind (its class) says, in one place:
 - ``start(ctx)``: called when its group is admitted (a :class:`Load` submits its read then);
   ``prefetched`` kinds hold their value from then on, not only once they have run;
 - ``run(ctx, args)``: produce the value from the input values;
-- ``rows`` and ``block(first, stop, args, group)``: the leading dimension along which the node can
-  run on row blocks (None: it cannot), and the same node restricted to rows [first, stop) over
-  args so restricted (first None: the same rows, other args). The compiler streams a large tensor
+- ``split_rows`` and ``block(first, stop, args, group)``: the leading dimension along which the
+  node can run on row blocks (None: it cannot), and the same node restricted to rows [first, stop)
+  over args so restricted (first None: the same rows, other args). The compiler streams a large tensor
   in row blocks when every node of its group can (:mod:`mergekit_lite.blocks`).
 
 The memory ledger (:mod:`mergekit_lite.ledger`) and the executor (:mod:`mergekit_lite.executor`)
@@ -85,7 +85,7 @@ class NodeBase:
         pass
 
     @property
-    def rows(self) -> int | None:
+    def split_rows(self) -> int | None:
         return None
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "NodeBase":
@@ -147,7 +147,7 @@ class Load(NodeBase):
         return ctx.fetched(self)
 
     @property
-    def rows(self) -> int | None:
+    def split_rows(self) -> int | None:
         return row_count(self.shape)
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Load":
@@ -197,6 +197,37 @@ class Pick(NodeBase):
         return args[0][self.index]
 
 
+@node_kind
+@dataclass(frozen=True)
+class AlignVocab(NodeBase):
+    """One vocabulary-indexed tensor (embeddings, lm_head) of each input model, re-indexed to the
+    step's output vocabulary (:mod:`mergekit_lite.vocab`); one output per input, in its dtype.
+    ``rows`` is the compile-time :class:`~mergekit_lite.vocab.RowPlan` (compared by identity)."""
+
+    tensor: str  # output tensor name
+    group: str
+    inputs: tuple[Any, ...]  # each model's tensor
+    rows: Any
+
+    @property
+    def args(self) -> tuple:
+        return self.inputs
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return tuple(Spec(f"{self.tensor}[{i}]", (self.rows.size, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
+                     for i, n in enumerate(self.inputs))
+
+    @property
+    def workspace_bytes(self) -> int:
+        first = self.inputs[0].outputs[0]
+        return self.rows.workspace_bytes(first.shape[1:], [n.outputs[0].dtype for n in self.inputs])
+
+    def run(self, ctx: Any, args: list) -> tuple:
+        with ctx.measuring():
+            return self.rows.apply(args)
+
+
 # ------------------------------------------------------------------------------------------------
 # sinks: they hold their input until the hand-off completes
 
@@ -234,14 +265,14 @@ class Write(_Sink):
         return ()
 
     @property
-    def rows(self) -> int | None:
-        return self.value.rows
+    def split_rows(self) -> int | None:
+        return self.value.split_rows
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Write":
         if first is None:
             return dataclasses.replace(self, value=args[0], group=group)
         return dataclasses.replace(self, value=args[0], group=group, first_row=self.first_row + first,
-                                   last=stop == self.value.rows)
+                                   last=stop == self.value.split_rows)
 
     def run(self, ctx: Any, args: list) -> None:
         ctx.hand_off(self, lambda: ctx.writers[self.output].write(self.tensor, args[0], self.first_row))
@@ -273,5 +304,17 @@ class Emit(_Sink):
 
 
 Node = Union[Load, Pick]  # and the computing kinds of :mod:`mergekit_lite.compute`
+
+_COMPUTING = ("Merge", "Observe", "StatSource")
+
+
+def __getattr__(name: str) -> Any:
+    """The computing kinds live in :mod:`mergekit_lite.compute` (which builds on this module);
+    ``from .nodes import Merge`` still finds them."""
+    if name in _COMPUTING:
+        from . import compute
+
+        return getattr(compute, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 Sink = Union[Write, Emit]
 SINK_KINDS = (Write, Emit)

@@ -67,6 +67,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    bounded: bool = False  # the shape is an upper bound (a rank picked while merging): see ShardedWriter
 
     @property
     def nbytes(self) -> int:
@@ -96,20 +97,25 @@ class ShardLimit:
 class ShardLayout:
     """Which tensor goes in which shard, in order, each shard at most `max_shard_size` (bytes, or a
     :class:`ShardLimit`; a tensor larger than that gets a shard of its own), named as Hugging Face
-    names them."""
+    names them (`basename` ``adapter_model`` for PEFT adapters); `groups` gives the shards' tensors
+    directly."""
 
-    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit):
-        limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
-        groups: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if groups[-1] and size + limit.weigh(t) > limit.amount:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += limit.weigh(t)
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit, basename: str = "model",
+                 groups: list[list[PlannedTensor]] | None = None):
+        self.basename = basename
+        if groups is None:
+            limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
+            groups = [[]]
+            size = 0
+            for t in tensors:
+                if groups[-1] and size + limit.weigh(t) > limit.amount:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(t)
+                size += limit.weigh(t)
         n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ([f"{basename}.safetensors"] if n == 1 else
+                 [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.shards = [Shard(name, group) for name, group in zip(names, groups)]
         # name -> (shard, absolute offset in the shard file, planned tensor)
         self.where: dict[str, tuple[Shard, int, PlannedTensor]] = {}
@@ -154,7 +160,11 @@ _WRITEBACK = _start_writeback()
 
 
 class ShardedWriter:
-    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets."""
+    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets.
+
+    A tensor planned with a ``bounded`` shape (the rank of a factor chosen by an error target while
+    merging) may arrive smaller; its bytes go to the start of the space planned for it, and
+    :meth:`finish` rewrites the shards that hold such tensors without the unused space."""
 
     def __init__(self, folder: str, layout: ShardLayout):
         self.folder = folder
@@ -162,30 +172,36 @@ class ShardedWriter:
         self._fds: dict[str, int] = {}
         self._written: dict[str, int] = {}  # tensor -> rows written
         self._blocks: set[tuple[str, int]] = set()
+        self._actual: dict[str, tuple[int, ...]] = {}  # bounded tensors written smaller than planned
         self._lock = threading.Lock()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
         for shard in layout.shards:
-            fd = os.open(os.path.join(folder, shard.file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(os.path.join(folder, shard.file), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             _pwrite_all(fd, shard.header, 0)
             os.ftruncate(fd, len(shard.header) + shard.data_size)
             self._fds[shard.file] = fd
 
-    def _rows(self, name: str, tensor: torch.Tensor, first_row: int, planned: PlannedTensor) -> int:
-        """Rows of `tensor` (a row block from `first_row`, or the whole tensor); checks its place."""
-        whole = first_row == 0 and tuple(tensor.shape) == planned.shape
-        fits = (len(planned.shape) >= 2 and tuple(tensor.shape[1:]) == planned.shape[1:]
-                and first_row + tensor.shape[0] <= planned.shape[0])
+    def _rows(self, name: str, tensor: torch.Tensor, first_row: int, planned: PlannedTensor) -> None:
+        """Check `tensor`'s place (the whole tensor, a bounded one smaller than planned, or a row
+        block from `first_row`) and count the rows it completes."""
+        shape = tuple(tensor.shape)
+        smaller = planned.bounded and first_row == 0 and len(shape) == len(planned.shape) and all(
+            a <= b for a, b in zip(shape, planned.shape))
+        whole = first_row == 0 and (shape == planned.shape or smaller)
+        fits = (len(planned.shape) >= 2 and shape[1:] == planned.shape[1:]
+                and first_row + shape[0] <= planned.shape[0])
         if not (whole or fits) or (tensor.dtype != planned.dtype and not (
                 tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
-                               f"got {tuple(tensor.shape)} {tensor.dtype} at row {first_row}")
-        rows = tensor.shape[0] if len(planned.shape) >= 2 else 1
+                               f"got {shape} {tensor.dtype} at row {first_row}")
+        rows = _planned_rows(planned) if whole else shape[0]
         with self._lock:
             if (name, first_row) in self._blocks:
                 raise RuntimeError(f"tensor {name} written twice")
             self._blocks.add((name, first_row))
             self._written[name] = self._written.get(name, 0) + rows
-        return rows
+            if whole and shape != planned.shape:
+                self._actual[name] = shape
 
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
         """Write `tensor` (or rows of it from `first_row`) at its planned place. A tensor in another
@@ -224,9 +240,11 @@ class ShardedWriter:
     def finish(self) -> dict:
         """Check every tensor was written, flush to disk, write the index; returns the index."""
         missing = [t.name for s in self.layout.shards for t in s.tensors
-                   if self._written.get(t.name, 0) < (t.shape[0] if len(t.shape) >= 2 else 1)]
+                   if self._written.get(t.name, 0) < _planned_rows(t)]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        if self._actual:
+            self._compact()
         for fd in self._fds.values():
             os.fsync(fd)
         self.close()
@@ -237,6 +255,27 @@ class ShardedWriter:
                 fh.write("\n")
         return index
 
+    def _compact(self) -> None:
+        """Rewrite the shards holding tensors written smaller than planned: the layout of the actual
+        shapes, each tensor's bytes copied from the start of the space planned for it."""
+        old = self.layout
+        groups = [[PlannedTensor(t.name, self._actual.get(t.name, t.shape), t.dtype) for t in s.tensors]
+                  for s in old.shards]
+        self.layout = ShardLayout([], 0, old.basename, groups=groups)
+        for shard in self.layout.shards:
+            if not any(t.name in self._actual for t in shard.tensors):
+                continue
+            tmp = os.path.join(self.folder, shard.file + ".compact")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(fd, shard.header, 0)
+            src = self._fds[shard.file]
+            for t in shard.tensors:
+                data = os.pread(src, t.nbytes, old.where[t.name][1])
+                _pwrite_all(fd, data, self.layout.where[t.name][1])
+            os.close(src)
+            os.replace(tmp, os.path.join(self.folder, shard.file))
+            self._fds[shard.file] = fd
+
     def close(self) -> None:
         for fd in self._fds.values():
             try:
@@ -244,6 +283,11 @@ class ShardedWriter:
             except OSError:
                 pass
         self._fds = {}
+
+
+def _planned_rows(planned: PlannedTensor) -> int:
+    """Rows a tensor is written in (a tensor of fewer than two dimensions is one piece)."""
+    return planned.shape[0] if len(planned.shape) >= 2 else 1
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
