@@ -19,6 +19,7 @@ runner reads to write ``adapter_config.json`` and the report.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,9 +78,42 @@ class _OneTensor(NodeBase):
         return (Spec(self.tensor, self.shape, self.dtype),)
 
 
+class _LoraRows(_OneTensor):
+    """Row blocks of W + scaling·B@A or of scaling·B@A (:mod:`mergekit_lite.blocks`): rows of the
+    result are rows of B (and of W), and A is used whole; a transposed delta's rows are columns of
+    B@A, so A's columns are taken here, at ``first_row``. A row block of a matrix product is
+    computed exactly as the same rows of the whole product."""
+
+    a: Any
+    b: Any
+    transpose: bool
+    first_row: int = 0
+
+    @property
+    def split_rows(self) -> int | None:
+        return self.shape[0] if len(self.shape) == 2 else None
+
+    @property
+    def split_args(self) -> tuple[bool, ...]:
+        follows = {"a": False, "b": not self.transpose, "base": True}
+        return tuple(follows[name] for name in self._arg_names)
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "_LoraRows":
+        changes = dict(zip(self._arg_names, args), group=group)
+        if first is not None:
+            changes.update(shape=(stop - first,) + self.shape[1:], first_row=self.first_row + first)
+        return dataclasses.replace(self, **changes)
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (its columns of this block, transposed) and B as this block needs them."""
+        if self.transpose and self.shape[0] != a.shape[1]:
+            return a[:, self.first_row:self.first_row + self.shape[0]], b
+        return a, b
+
+
 @node_kind
 @dataclass(frozen=True)
-class FoldLora(_OneTensor):
+class FoldLora(_LoraRows):
     """W + scaling · B @ A: the base tensor with a LoRA module folded in, rounded to `dtype`."""
 
     base: Any
@@ -91,6 +125,9 @@ class FoldLora(_OneTensor):
     transpose: bool
     shape: tuple[int, ...]
     dtype: torch.dtype
+    first_row: int = 0
+
+    _arg_names = ("base", "a", "b")
 
     @property
     def args(self) -> tuple:
@@ -104,7 +141,7 @@ class FoldLora(_OneTensor):
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():
             w, a, b = _moved(ctx, args)
-            return _cpu(fold_lora(w, a, b, self.scaling, self.transpose, self.dtype))
+            return _cpu(fold_lora(w, *self.factors(a, b), self.scaling, self.transpose, self.dtype))
 
 
 @node_kind
@@ -136,7 +173,7 @@ class FoldIA3(_OneTensor):
 
 @node_kind
 @dataclass(frozen=True)
-class LoraDelta(_OneTensor):
+class LoraDelta(_LoraRows):
     """scaling · B @ A in float32, in the base tensor's layout: a LoRA module as a task vector."""
 
     a: Any
@@ -146,8 +183,10 @@ class LoraDelta(_OneTensor):
     scaling: float
     transpose: bool
     shape: tuple[int, ...]
+    first_row: int = 0
 
     dtype = F32
+    _arg_names = ("a", "b")
 
     @property
     def args(self) -> tuple:
@@ -160,7 +199,7 @@ class LoraDelta(_OneTensor):
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():
             a, b = _moved(ctx, args)
-            return _cpu(lora_delta(a, b, self.scaling, self.transpose).contiguous())
+            return _cpu(lora_delta(*self.factors(a, b), self.scaling, self.transpose).contiguous())
 
 
 @node_kind
@@ -178,6 +217,14 @@ class Constant(_OneTensor):
     @property
     def workspace_bytes(self) -> int:
         return _f32(self.shape)
+
+    @property
+    def split_rows(self) -> int | None:
+        return self.shape[0] if len(self.shape) >= 2 else None
+
+    def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "Constant":
+        shape = self.shape if first is None else (stop - first,) + self.shape[1:]
+        return dataclasses.replace(self, group=group, shape=shape)
 
     def run(self, ctx: Any, args: list) -> torch.Tensor:
         with ctx.measuring():

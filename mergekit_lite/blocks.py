@@ -33,6 +33,25 @@ def stream(sinks: list[Any], block_numel: int = BLOCK_NUMEL, context: list[Any] 
     return _Streamer(sinks, block_numel, context).roots()
 
 
+def _following(roots: Iterable[Any], group: str) -> list[Any]:
+    """The nodes of `group` that `roots` cut into row blocks: reached through args that follow
+    the rows (``split_args``); the others are taken whole by every block."""
+    order: list[Any] = []
+    seen: set[Any] = set()
+
+    def visit(node: Any) -> None:
+        if node not in seen and node.group == group:
+            seen.add(node)
+            for dep, follows in zip(node.args, node.split_args):
+                if follows:
+                    visit(dep)
+            order.append(node)
+
+    for r in roots:
+        visit(r)
+    return order
+
+
 def _closure(roots: Iterable[Any], group: str) -> list[Any]:
     """The nodes `roots` need within `group`, dependencies first."""
     order: list[Any] = []
@@ -87,7 +106,7 @@ class _Streamer:
 
     def _group(self, group: str, sinks: list[Any]) -> list[Any]:
         nodes = _closure(sinks, group)
-        blocks = self.blocks(nodes)
+        blocks = self.blocks(_following(sinks, group))
         pending = [n for n in nodes if n not in self.final and _needs_statistic(n) is not None]
         if len(blocks) == 1 and not any(n in self.final for n in nodes):
             return sinks
@@ -104,7 +123,8 @@ class _Streamer:
         sweeps) taken from the last Observe of those sweeps."""
         key = (node, first, group)
         if key not in self.memo:
-            args = tuple(self.restrict(d, first, stop, group) for d in node.args)
+            args = tuple(self.restrict(d, first, stop, group) if follows else self.restrict(d, None, None, group)
+                         for d, follows in zip(node.args, node.split_args))
             if node in self.final:
                 self.memo[key] = node.block(first, stop, args, group, stats=self.final[node])
             else:
@@ -119,7 +139,8 @@ class _Streamer:
         for sweep in range(source.create().sweeps):
             for i, (first, stop) in enumerate(blocks):
                 group = f"{prefix}.{sweep}.{i}"
-                args = tuple(self.restrict(d, first, stop, group) for d in merge.args)
+                args = tuple(self.restrict(d, first, stop, group) if f else self.restrict(d, None, None, group)
+                             for d, f in zip(merge.args, merge.split_args))
                 observed = merge.block(first, stop, args, group)
                 last = last_block and i == len(blocks) - 1
                 previous = Observe(source, observed, sweep, last, previous, group)
@@ -149,14 +170,15 @@ class _Streamer:
         previous = None
         for sweep in range(sweeps):
             for j, merge in enumerate(unique):
-                blocks = self.blocks(_closure([merge], merge.group))
+                blocks = self.blocks(_following([merge], merge.group))
                 if sweep == 0 and len(blocks) > 1:  # statistics of the merges feeding this one first
                     for up in _closure(merge.args, merge.group):
                         if up not in self.final and _needs_statistic(up) is not None:
                             self.early.extend(self._sweeps(up, blocks, f"{merge.group}#{merge.step}.up"))
                 for i, (first, stop) in enumerate(blocks):
                     group = f"{merge.group}#{merge.step}.model.{sweep}.{i}"
-                    args = tuple(self.restrict(d, first, stop, group) for d in merge.args)
+                    args = tuple(self.restrict(d, first, stop, group) if f else self.restrict(d, None, None, group)
+                                 for d, f in zip(merge.args, merge.split_args))
                     observed = merge.block(first, stop, args, group)
                     last = j == len(unique) - 1 and i == len(blocks) - 1
                     previous = Observe(source, observed, sweep, last, previous, group)

@@ -11,9 +11,10 @@ A node is a small frozen record. Its kind (its class) says, in one place:
 - ``start(ctx)``: called when its group is admitted (a :class:`Load` submits its read then);
   ``prefetched`` kinds hold their value from then on, not only once they have run;
 - ``run(ctx, args)``: produce the value from the input values;
-- ``split_rows`` and ``block(first, stop, args, group)``: the leading dimension along which the
-  node can run on row blocks (None: it cannot), and the same node restricted to rows [first, stop)
-  over args so restricted (first None: the same rows, other args). The compiler streams a large tensor
+- ``split_rows``, ``split_args`` and ``block(first, stop, args, group)``: the leading dimension
+  along which the node can run on row blocks (None: it cannot), which of its args follow the same
+  rows (default: all; a LoRA's A factor does not, it is used whole by every block), and the node
+  restricted to rows [first, stop) over args so restricted (first None: the same rows, other args). The compiler streams a large tensor
   in row blocks when every node of its group can (:mod:`mergekit_lite.blocks`).
 
 The memory ledger (:mod:`mergekit_lite.ledger`) and the executor (:mod:`mergekit_lite.executor`)
@@ -87,6 +88,11 @@ class NodeBase:
     @property
     def split_rows(self) -> int | None:
         return None
+
+    @property
+    def split_args(self) -> tuple[bool, ...]:
+        """For each arg, whether it is cut into the same row blocks as this node."""
+        return (True,) * len(self.args)
 
     def block(self, first: int | None, stop: int | None, args: tuple, group: str) -> "NodeBase":
         raise TypeError(f"{type(self).__name__} nodes do not run on row blocks")

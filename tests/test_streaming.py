@@ -36,7 +36,8 @@ def test_streamed_output_has_the_pinned_bits(plan, tmp_path):
     assert folder_digest(out) == json.load(open(PINS))[plan]
 
 
-@pytest.mark.parametrize("plan", ["linear.yml", "ties.yml", "slerp.yml", "multistep.yml", "frankenmerge.yml"])
+@pytest.mark.parametrize("plan", ["linear.yml", "ties.yml", "slerp.yml", "multistep.yml", "frankenmerge.yml",
+                                  "lora_fold.yml", "lora_task_arithmetic.yml"])
 def test_separable_plans_do_stream(plan):
     info = describe(compile_plan(os.path.join(CONFIGS, plan), Options(block_size=SMALL_BLOCKS)))
     assert info["blocks"] > info["output_tensors"]
