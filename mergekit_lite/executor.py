@@ -388,6 +388,8 @@ class Executor:
     def run(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Run everything; yields Emit results, in output order."""
         limit_allocator_caching()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads)  # this thread keeps its count when the compute threads set theirs to 1
         bar = _progress(self.compiled) if self.progress else None
         link = DeviceLink(self.device, self.device_budget, self.compiled.max_need) if self.device.type == "cuda" else None
         res = Resources(self.device, self.budget, self.writers, self.stats, self.read_threads, self.measure,
@@ -408,6 +410,7 @@ class Executor:
                 run.cancel()
             scheduler.cancel()
             res.close(failed)
+            torch.set_num_threads(threads)  # for threads started after this run
             if bar is not None:
                 bar.close()
             self.stats.seconds = time.perf_counter() - start
