@@ -118,7 +118,7 @@ class StepCompiler:
         if method.random:
             seeds = tuple(stable_seed(self.seed, self.plan.name or "", ot.name, str(i.ref)) for i in ot.inputs)
         return Merge(method.name, self.plan.name or "", ot.name, group, ins, base, ot.params, ot.model_params,
-                     seeds, ot.shape, ot.dtype, ot.dtype)
+                     seeds, ot.shape, ot.dtype, ot.dtype, ot.section)
 
 
 # ------------------------------------------------------------------------------------------------

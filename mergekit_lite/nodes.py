@@ -154,6 +154,7 @@ class Merge(NodeBase):
     shape: tuple[int, ...]
     dtype: torch.dtype  # the step's output dtype
     held_dtype: torch.dtype  # what the value is kept as: dtype, or float32 when only sinks consume it
+    section: str = "layer"  # where the tensor sits in the model (for sectioned methods)
 
     @property
     def args(self) -> tuple:
@@ -181,6 +182,8 @@ class Merge(NodeBase):
         kwargs.update((method.param(name).pyname, list(vals)) for name, vals in self.model_params)
         if method.random:
             kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
+        if method.sectioned:
+            kwargs["section"] = self.section
         with ctx.measuring():
             result = self._call(method.fn, moved, base, kwargs)
             del moved, base
