@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|bench``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|bench|eval|search|demo-train``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
 and exits with status 2; nothing is left in the output folder.
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
     add_arguments(p)
+    from .quality.cli import add_commands  # eval, search, demo-train
+
+    add_commands(sub)
     return parser
 
 
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from .quality.cli import handle
+
+    status = handle(args)
+    if status is not None:
+        return status
     if args.command == "run":
         from .merge import Options, compile_plan, execute
 

@@ -26,6 +26,7 @@ from ..errors import Issue
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
 from .source import Document, Path
+from .space import read_section
 
 STEP_KEYS = {
     "merge_method": "the merge method (required)",
@@ -42,6 +43,7 @@ STEP_KEYS = {
     "name": "the step's name (multi-step plans)",
     "save": "also write this step's result to this folder (multi-step plans)",
     "seed": "seed of the random methods (DARE, DELLA)",
+    "search": "parameters for mergekit-lite search to try (ignored by run)",
 }
 
 _LORA = "LoRA inputs and override_architecture are not supported yet"
@@ -256,6 +258,14 @@ class StepParser:
             self.report((key,), f"{key} applies to slices plans (layer stacking); a models: merge merges every tensor")
         return ref
 
+    def search(self, key: str) -> tuple:
+        """The ``search:`` section (:mod:`mergekit_lite.plan.space`), checked against the step."""
+        if key not in self.data or self.method is None:
+            return ()
+        label = f"{self.data['name']}/" if isinstance(self.data.get("name"), str) else ""
+        return read_section(self.data[key], self.method, self.data, self.doc.index, self.prefix,
+                            lambda path, message: self.report((key,) + path, message), label)
+
     # the step's keys in the order they are read (and their problems reported)
     READERS: dict[str, Callable[[StepParser, str], Any]] = {
         "merge_method": merge_method,
@@ -272,6 +282,7 @@ class StepParser:
         "depth_upscale": depth_upscale,
         "embed_source": donor,
         "head_source": donor,
+        "search": search,
     }
 
     def check_one_form(self) -> None:

@@ -79,6 +79,7 @@ class MergePlan:
     depth_upscale: DepthUpscale | None = None
     embed_source: ModelRef | None = None
     head_source: ModelRef | None = None
+    search: tuple = ()  # the ``search:`` section's Dimensions (plan/space.py); run ignores them
     expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
     doc: Document | None = field(default=None, compare=False, repr=False)
     prefix: Path = ()  # key path of this step inside its document (``steps[i]``)
