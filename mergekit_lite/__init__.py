@@ -9,6 +9,9 @@ Python API::
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/")
+
+    mergekit_lite.evaluate([base, merged], ["val.jsonl"])   # exact match side by side (transformers)
+    mergekit_lite.search("plan.yaml", ["val.jsonl"])        # the plan's search: section, best plan
 """
 
 __version__ = "0.1.0"
@@ -27,6 +30,8 @@ from .stacking import LayerRange, stack  # noqa: E402
 from .merge import Options, compile_plan, run  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
 from .plan.schema import load_plan, parse_plan  # noqa: E402
+from .quality.evaluate import evaluate  # noqa: E402  (scoring needs the transformers extra)
+from .quality.search import search  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -41,6 +46,8 @@ __all__ = [
     "parse_plan",
     "load_plan",
     "Options",
+    "evaluate",
+    "search",
     "METHODS",
     "MergeError",
     "PlanError",

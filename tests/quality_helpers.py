@@ -27,17 +27,18 @@ SUCCESSOR_CONFIG = {**CONFIG, "vocab_size": len(VOCAB), "hidden_size": HIDDEN, "
                     "max_position_embeddings": 32}
 
 
-def next_id(token: str) -> int:
-    return VOCAB[NEXT.get(token, "</s>")]
+def next_id(token: str, mapping: dict[str, str] = NEXT) -> int:
+    return VOCAB[mapping.get(token, "</s>")]
 
 
-def successor_tensors(scale: float = NORM, seed: int = 0) -> dict[str, np.ndarray]:
+def successor_tensors(scale: float = NORM, seed: int = 0, mapping: dict[str, str] = NEXT) -> dict[str, np.ndarray]:
+    """The successor model of `mapping` (token -> the token that follows it)."""
     rng = np.random.default_rng(seed)
     v, h = len(VOCAB), HIDDEN
     embed = np.eye(v, h, dtype=np.float32)
     head = np.zeros((v, h), dtype=np.float32)
     for token, t in VOCAB.items():
-        head[next_id(token), t] = 1.0
+        head[next_id(token, mapping), t] = 1.0
     p = "model.layers.0."
     return {
         "model.embed_tokens.weight": embed,
@@ -55,8 +56,8 @@ def successor_tensors(scale: float = NORM, seed: int = 0) -> dict[str, np.ndarra
     }
 
 
-def save_successor(folder: str, scale: float = NORM) -> str:
-    save_model(folder, successor_tensors(scale), SUCCESSOR_CONFIG, tokenizer=False)
+def save_successor(folder: str, scale: float = NORM, mapping: dict[str, str] = NEXT) -> str:
+    save_model(folder, successor_tensors(scale, mapping=mapping), SUCCESSOR_CONFIG, tokenizer=False)
     write_tokenizer(folder, VOCAB)
     return folder
 

@@ -141,3 +141,34 @@ def test_a_model_that_lacks_a_tensor_is_refused(successor, tmp_path, capsys):
     write_tokenizer(folder)
     assert main(["eval", folder, "--tasks", successor["task"], "--device", "cpu", "-q"]) == 2
     assert "lacks tensors its config.json needs: model.norm.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_predictions_equal_transformers_generate(arch, tmp_path):
+    """On random checkpoints of two architectures (GPT-2: tied embeddings, no BOS), eval's batched
+    greedy decoding gives what transformers' own generate() gives one prompt at a time."""
+    import torch
+
+    from mergekit_lite import Model
+    from mergekit_lite.examples import GPT2_CONFIG, LLAMA_CONFIG, gpt2_shapes, llama_shapes, random_model, save_model
+    from mergekit_lite.quality.hf import ModelCache, stream_into
+    from mergekit_lite.quality.infer import encode_prompt, generate
+    from mergekit_lite.quality.tasks import load_task
+
+    config, shapes = (LLAMA_CONFIG, llama_shapes) if arch == "llama" else (GPT2_CONFIG, gpt2_shapes)
+    folder = save_model(str(tmp_path / arch), random_model(shapes(config), seed=3, std=0.5), config)
+    words = ["the model", "merge the weights", "a of to", "it is you", "that and in", "model weights of the"]
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": w, "answer": "x y z"}) + "\n" for w in words))
+    cache = ModelCache()
+    model = cache.model(config, arch, torch.device("cpu"), torch.float32)
+    stream_into(model, Model(folder).iter_tensors(device="cpu"), arch)
+    tokenizer = cache.tokenizer(folder, arch)
+    got = generate(model, tokenizer, load_task(str(task)), torch.device("cpu"), batch_size=4)
+    eos = config["eos_token_id"]
+    for prompt, text in zip(words, got):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+                             max_new_tokens=7, eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        until_eos = out[:out.index(eos)] if eos in out else out
+        assert text == tokenizer.decode(until_eos, skip_special_tokens=True), (prompt, out)

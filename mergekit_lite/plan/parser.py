@@ -263,6 +263,8 @@ class StepParser:
         if key not in self.data or self.method is None:
             return ()
         label = f"{self.data['name']}/" if isinstance(self.data.get("name"), str) else ""
+        self.warnings.append("the search: section is for mergekit-lite search; merging uses the plan's own "
+                             "parameters")
         return read_section(self.data[key], self.method, self.data, self.doc.index, self.prefix,
                             lambda path, message: self.report((key,) + path, message), label)
 

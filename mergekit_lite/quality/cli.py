@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from ..errors import MergeError
+
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", required=True, metavar="FILE",
@@ -56,8 +58,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="folder for models/ and tasks/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
-    p.add_argument("--base-steps", type=int, default=None, help="training steps of the base [1200]")
-    p.add_argument("--finetune-steps", type=int, default=None, help="training steps of each fine-tune [600]")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every training run's steps (0.1 for a quick try) [1]")
 
 
 def handle(args: argparse.Namespace) -> int | None:
@@ -106,12 +108,14 @@ def _search(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..demo import BASE_SCHEDULE, FINETUNE_SCHEDULE, train_demo
+    from ..demo import BASE_SCHEDULE, FINETUNE_SCHEDULES, train_demo
     from .hf import transformers
 
     transformers()  # a readable error without the extra
-    base = replace(BASE_SCHEDULE, steps=args.base_steps or BASE_SCHEDULE.steps)
-    finetune = replace(FINETUNE_SCHEDULE, steps=args.finetune_steps or FINETUNE_SCHEDULE.steps)
-    folders = train_demo(args.out, seed=args.seed, base=base, finetune=finetune, threads=args.threads)
+    if args.steps_scale <= 0:
+        raise MergeError(f"--steps-scale must be positive, got {args.steps_scale}")
+    scaled = lambda s: replace(s, steps=max(1, round(s.steps * args.steps_scale)))  # noqa: E731
+    folders = train_demo(args.out, seed=args.seed, base=scaled(BASE_SCHEDULE), threads=args.threads,
+                         finetune={task: scaled(s) for task, s in FINETUNE_SCHEDULES.items()})
     print("\n".join(folders.values()))
     return 0

@@ -51,6 +51,7 @@ def build_model(config: dict[str, Any], label: str, device: torch.device, dtype:
         cfg = tf.AutoConfig.for_model(model_type, **config)
         with _no_init():
             model = tf.AutoModelForCausalLM.from_config(cfg)
+        model.tie_weights()  # skipped with the initialisation in transformers 5
     except (ValueError, KeyError) as exc:
         raise MergeError(f"{label}: transformers cannot build a causal language model of type "
                          f"'{model_type}' ({exc}); custom model code is not run") from None
