@@ -3,11 +3,13 @@
 ``mergekit-lite demo-train OUT`` trains, on the CPU in a few minutes (one thread):
 
 - ``base``: a generic skill mix (copy a string, count its characters, shift every character by
-  one), the common starting point;
-- three fine-tunes of it, each on one task: ``reverse`` (``rev:abc=`` → ``cba``), ``sort``
-  (``srt:cab=`` → ``abc``) and ``add`` (``add:17+25=`` → ``42``);
+  one) plus small instances of the three tasks (strings of at most 4 letters, sums of a number
+  below 20 and a digit), so that it has part of each skill, as a pretrained model does;
+- three fine-tunes of it, each on one task at full size: ``reverse`` (``rev:abcdef=`` →
+  ``fedcba``), ``sort`` (``srt:fcab=`` → ``abcf``) and ``add`` (``add:73+8=`` → ``81``), strings
+  of 3 to 6 letters and sums of a number below 100 and a digit;
 
-and writes them as Hugging Face folders (transformers' ``LlamaForCausalLM``, about 200 K
+and writes them as Hugging Face folders (transformers' ``LlamaForCausalLM``, about 220 K
 parameters, a character-level tokenizer), plus validation and test splits of each task as JSONL
 ``prompt``/``answer`` files for ``mergekit-lite eval`` and ``search``. Everything is seeded: the
 splits are identical everywhere, and the weights on the same machine and library versions.
@@ -51,18 +53,18 @@ def _word(rng: random.Random, alphabet: str = LETTERS, lo: int = 3, hi: int = 6)
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def task_reverse(rng: random.Random) -> Example:
-    w = _word(rng)
+def task_reverse(rng: random.Random, longest: int = 6) -> Example:
+    w = _word(rng, hi=longest)
     return f"rev:{w}=", w[::-1]
 
 
-def task_sort(rng: random.Random) -> Example:
-    w = _word(rng)
+def task_sort(rng: random.Random, longest: int = 6) -> Example:
+    w = _word(rng, hi=longest)
     return f"srt:{w}=", "".join(sorted(w))
 
 
-def task_add(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 99), rng.randint(0, 9)
+def task_add(rng: random.Random, largest: int = 99) -> Example:
+    a, b = rng.randint(0, largest), rng.randint(0, 9)
     return f"add:{a}+{b}=", str(a + b)
 
 
@@ -82,8 +84,13 @@ def task_shift(rng: random.Random) -> Example:
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {"reverse": task_reverse, "sort": task_sort, "add": task_add}
-GENERIC: dict[str, Callable[[random.Random], Example]] = {"copy": task_copy, "count": task_count,
-                                                          "shift": task_shift}
+# the base's mix: generic skills, and the three tasks on small instances only (strings of at most 4
+# letters, sums of a number below 20 and a digit), so that the base has part of each skill and each
+# fine-tune learns the rest
+GENERIC: dict[str, Callable[[random.Random], Example]] = {
+    "copy": task_copy, "count": task_count, "shift": task_shift,
+    "reverse-short": lambda rng: task_reverse(rng, longest=4), "sort-short": lambda rng: task_sort(rng, longest=4),
+    "add-small": lambda rng: task_add(rng, largest=19)}
 
 
 def splits(task: str, n_val: int = 200, n_test: int = 300, seed: int = 0) -> dict[str, list[Example]]:
@@ -109,10 +116,10 @@ class Schedule:
     warmup: int = 50
 
 
-BASE_SCHEDULE = Schedule(steps=1200, lr=3e-3)
+BASE_SCHEDULE = Schedule(steps=2000, lr=3e-3)
 # each fine-tune trains until it masters its task (addition needs twice as long as the others)
-FINETUNE_SCHEDULES = {"reverse": Schedule(steps=600, lr=2e-3), "sort": Schedule(steps=600, lr=2e-3),
-                      "add": Schedule(steps=1200, lr=3e-3)}
+FINETUNE_SCHEDULES = {"reverse": Schedule(steps=400, lr=1e-3), "sort": Schedule(steps=400, lr=1e-3),
+                      "add": Schedule(steps=800, lr=1e-3)}
 
 
 def encode(text: str) -> list[int]:

@@ -183,3 +183,44 @@ def test_cli_search_finds_where_the_answer_flips_and_the_best_plan_runs_elsewher
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     head = load_dir(base)["lm_head.weight"] + 0.6 * (load_dir(tuned)["lm_head.weight"] - load_dir(base)["lm_head.weight"])
     assert torch.allclose(got["lm_head.weight"], head)
+
+
+def test_command_line_parameters_join_the_plans_section(tmp_path):
+    from mergekit_lite.plan.space import parse_cli
+
+    assert parse_cli("lambda=0.5,1,1.5") == ("lambda", [0.5, 1, 1.5])
+    assert parse_cli("models[1].weight=0.1:0.9:0.2") == ("models[1].weight", {"min": 0.1, "max": 0.9, "step": 0.2})
+    assert parse_cli("sign_election=sum,count") == ("sign_election", ["sum", "count"])
+    with pytest.raises(ValueError):
+        parse_cli("lambda")
+    plan = write_plan(tmp_path, f"""\
+        name: soup
+        merge_method: linear
+        models:
+          - model: {MODELS}/ft_math
+            parameters: {{weight: 0.5}}
+          - model: {MODELS}/ft_code
+            parameters: {{weight: 0.5}}
+        search:
+          models[0].weight: [0.2, 0.8]
+        ---
+        merge_method: task_arithmetic
+        base_model: {MODELS}/base
+        models:
+          - model: soup
+            parameters: {{weight: 1.0}}
+        """)
+    recipe = load_plan(plan)
+    dims = space_of(recipe, ["lambda=0.5:1.0:0.25", "soup/models[1].weight=0.3"])
+    assert [(d.key, d.values) for d in dims] == [("soup/models[0].weight", (0.2, 0.8)),
+                                                   ("lambda", (0.5, 0.75, 1.0)), ("soup/models[1].weight", (0.3,))]
+    with pytest.raises(MergeError, match="--param nope/lambda: the plan has no step named 'nope'"):
+        space_of(recipe, ["nope/lambda=1"])
+    with pytest.raises(MergeError, match="--param density: merge method 'task_arithmetic' has no parameter"):
+        space_of(recipe, ["density=0.5"])
+    from mergekit_lite.quality.search import candidate_text
+
+    text = candidate_text(recipe, dims, {"soup/models[0].weight": 0.2, "lambda": 0.75, "soup/models[1].weight": 0.3})
+    steps = parse_plan(text, plan).steps
+    assert [m.parameters["weight"] for m in steps[0].models] == [0.2, 0.3]
+    assert steps[1].parameters["lambda"] == 0.75 and not any(s.search for s in steps)

@@ -45,12 +45,13 @@ def tsv(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],
         V̂⊥ = P_V·Q_Vᵀ  where V̂ = P_V·S_V·Q_Vᵀ
         θ = θ_base + λ·Û⊥·Σ̂·V̂⊥ᵀ
 
-    Embeddings, output heads and non-matrix tensors (norms, biases), and matrices too small to give
-    every task a component (k = 0), are merged as θ_base + λ·(1/T)·Σ_i τ_i, as the paper's code
-    does. Defaults are the paper's: λ = 1 (the official code can also pick λ on validation data;
-    ``mergekit-lite search`` does that), rank_fraction = 1. One task gives θ_base + λ·τ (task
-    arithmetic). Deviation: numerically zero singular components are dropped instead of carrying
-    LAPACK's arbitrary basis vectors (see :mod:`mergekit_lite.methods.subspace`).
+    Embeddings, output heads and non-matrix tensors (norms, biases) are merged as
+    θ_base + λ·(1/T)·Σ_i τ_i, as the paper's code does; so is a matrix too small to give every task
+    a component (k = 0), which the paper's code would set to θ_base. Defaults are the paper's:
+    λ = 1 (the official code can also pick λ on validation data; ``mergekit-lite search`` does
+    that), rank_fraction = 1. One task gives θ_base + λ·τ (task arithmetic). Deviation:
+    numerically zero singular components are dropped instead of carrying LAPACK's arbitrary basis
+    vectors (see :mod:`mergekit_lite.methods.subspace`).
     """
     base32 = base.to(torch.float32)
     k = int(rank_fraction * min(base.shape) / len(tensors)) if base.dim() == 2 else 0

@@ -127,8 +127,9 @@ def _dimension(key: str, domain: Any, method: methods.Method, data: Mapping[str,
         report((), f"'{name}' is a global parameter of '{method.name}': search it as '{name}'")
         return None
     if not entry and param.scope == "model" and _own_settings(data, name):
-        report((), f"{', '.join(_own_settings(data, name))} set their own '{name}', which wins over the top-level "
-                   f"value: search e.g. models[0].{name}, or remove theirs")
+        own = _own_settings(data, name)
+        report((), f"{', '.join(own)} {'sets its' if len(own) == 1 else 'set their'} own '{name}', which wins over "
+                   f"the top-level value: search {own[0]}.{name} instead, or remove it")
         return None
     shown = f"{match.group('entry')}.{name}" if entry else name
     target = prefix + entry + ("parameters", name)
@@ -175,8 +176,9 @@ def _range(key: str, domain: dict, param: methods.Param, doc: int, target: tuple
         if problem:
             report(("min" if bound == low else "max",), f"{problem}; allowed: {param.allowed()}")
             return None
-    if step is None:
+    if step is None and low < high:
         return Dimension(key, doc, target, param, (), float(low), float(high))
+    step = step or 1
     count = int((high - low) / step + 1e-9) + 1
     values = [low + i * step for i in range(count)]
     values = [int(round(v)) if param.kind is int else round(v, 10) for v in values]

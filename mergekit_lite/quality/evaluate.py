@@ -112,7 +112,7 @@ class Report:
         return {"tasks": [{"name": n, "path": t.path, "kind": t.kind, "examples": len(t)}
                           for n, t in zip(self.names(), self.tasks)],
                 "models": [{"label": r.label, "scores": r.scores, "seconds": round(r.seconds, 2),
-                            "mean": {m: r.mean(m) for m in ("exact", "char", "ppl") if r.mean(m) == r.mean(m)}}
+                            "mean": {m: v for m in METRICS if (v := r.mean(m)) == v}}  # v != v: NaN, no such task
                            for r in self.rows],
                 "settings": self.settings}
 

@@ -115,15 +115,17 @@ def candidates(dims: list[Dimension], strategy: str, budget: int | None, seed: i
         raise MergeError(f"unknown strategy {strategy!r}: expected {' or '.join(STRATEGIES)}")
     if not budget or budget < 1:
         raise MergeError("the random strategy needs --budget N (the number of candidates to try)")
-    rng, seen, drawn = random.Random(seed), set(), 0
-    size = _size(dims)
-    while drawn < budget and (size is None or len(seen) < size):
+    rng, seen = random.Random(seed), set()
+    size, misses = _size(dims), 0
+    while len(seen) < budget and (size is None or len(seen) < size) and misses < 1000:
         cand = {d.key: d.sample(rng) for d in dims}
         key = _key(cand)
-        if key not in seen:
-            seen.add(key)
-            drawn += 1
-            yield cand
+        if key in seen:
+            misses += 1  # a space with fewer distinct values than the budget ends the draw
+            continue
+        seen.add(key)
+        misses = 0
+        yield cand
 
 
 def _size(dims: list[Dimension]) -> int | None:
@@ -224,7 +226,8 @@ def search(plan: str | Recipe, tasks: Sequence[str] = (), *, params: Sequence[st
         objective = task_objective(evaluator, metric)
     from .results import ResultsFile, write_plan
 
-    log = ResultsFile(results, _header(recipe, list(tasks), metric, strategy, limit)) if results else None
+    header = _header(recipe, list(tasks), metric if tasks else "custom objective", strategy, limit)
+    log = ResultsFile(results, header) if results else None
     trials = _run(recipe, dims, candidates(dims, strategy, budget, seed), objective, log, progress,
                   _size(dims) if strategy == "grid" else budget)
     ok = [t for t in trials if t.error is None and t.score is not None]
