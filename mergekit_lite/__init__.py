@@ -10,9 +10,24 @@ Python API::
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/")
 
+    moe = mergekit_lite.upcycle(base, [("math-ft", ["2 + 2"]), ("code-ft", ["def f():"])],
+                                gate_mode="cheap_embed")   # a mixture of experts (mergekit-moe)
+    moe.save("out-moe/")
     mergekit_lite.evaluate([base, merged], ["val.jsonl"])   # exact match side by side (transformers)
     mergekit_lite.search("plan.yaml", ["val.jsonl"])        # the plan's search: section, best plan
+
+Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
+line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
+must answer at once. So this module imports nothing heavy itself: ``mergekit_lite.Model`` imports
+the API (and torch) the first time it is used. The errors are plain Python and are imported here.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -25,35 +40,51 @@ from .errors import (  # noqa: E402
     ShapeMismatch,
     TensorNotFound,
 )
-from .api import Expr, Model, TaskVector, merge  # noqa: E402
-from .stacking import LayerRange, stack  # noqa: E402
-from .merge import Options, compile_plan, run  # noqa: E402
-from .methods import REGISTRY as METHODS  # noqa: E402
-from .plan.schema import load_plan, parse_plan  # noqa: E402
-from .quality.evaluate import evaluate  # noqa: E402  (scoring needs the transformers extra)
-from .quality.search import search  # noqa: E402
 
-__all__ = [
-    "__version__",
-    "Model",
-    "Expr",
-    "TaskVector",
-    "LayerRange",
-    "stack",
-    "merge",
-    "run",
-    "compile_plan",
-    "parse_plan",
-    "load_plan",
-    "Options",
-    "evaluate",
-    "search",
-    "METHODS",
-    "MergeError",
-    "PlanError",
-    "ModelNotFound",
-    "TensorNotFound",
-    "ShapeMismatch",
-    "BudgetExceeded",
-    "OutputExists",
-]
+# exported name -> (module, attribute)
+_LAZY = {
+    "Model": (".api", "Model"),
+    "Expr": (".api", "Expr"),
+    "TaskVector": (".api", "TaskVector"),
+    "merge": (".api", "merge"),
+    "LayerRange": (".stacking", "LayerRange"),
+    "stack": (".stacking", "stack"),
+    "upcycle": (".moe.api", "upcycle"),
+    "Options": (".merge", "Options"),
+    "compile_plan": (".merge", "compile_plan"),
+    "run": (".merge", "run"),
+    "METHODS": (".methods", "REGISTRY"),
+    "load_plan": (".plan.schema", "load_plan"),
+    "parse_plan": (".plan.schema", "parse_plan"),
+    "evaluate": (".quality.evaluate", "evaluate"),  # scoring needs the transformers extra
+    "search": (".quality.search", "search"),
+}
+
+__all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",
+           "BudgetExceeded", "OutputExists"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    object.__setattr__(sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mergekit_lite.merge`` the API function: importing the runner submodule
+    ``mergekit_lite.merge`` would otherwise rebind the package attribute of the same name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "merge" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

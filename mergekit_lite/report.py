@@ -1,16 +1,19 @@
-"""Human-readable descriptions: what a plan will do (``mergekit-lite plan``), and the methods."""
+"""Human-readable descriptions: what a plan will do (``mergekit-lite plan``), and the methods
+(``mergekit-lite methods``, which reads the registry only and so answers without importing torch)."""
 
 from __future__ import annotations
 
 import json
 
 from . import methods
-from .graph import describe
-from .io.writer import human_size
-from .merge import Options, compile_plan
+from .errors import MergeError
 
 
 def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False) -> str:
+    from .graph import describe  # imported here: methods_report must not import torch
+    from .io.writer import human_size
+    from .merge import Options, compile_plan
+
     options = Options(device=device, max_memory=max_memory, seed=seed)
     compiled = compile_plan(plan_path, options)
     info = describe(compiled)
@@ -20,7 +23,7 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     info["estimated_peak_bytes"] = min(budget, sum(compiled.needs))
     steps = [{"name": st.name or "(output)", "method": st.method, "base_model": st.base_model,
               "models": list(st.models), "depends_on": list(st.depends_on), "tensors": st.tensors,
-              "save": st.save, "expanded": st.expanded} for st in compiled.steps]
+              "save": st.save, "expanded": st.expanded, **dict(st.details)} for st in compiled.steps]
     info["steps"] = steps
     info["warnings"] = list(compiled.warnings)
     if as_json:
@@ -37,6 +40,7 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
         if s["save"]:
             lines.append(f"  also saved to: {s['save']}")
         lines.append(f"  output tensors: {s['tensors']}")
+        lines.extend(moe_lines(s))
         if s["expanded"]:
             lines.append("  expands to:")
             lines.extend("    " + ln for ln in s["expanded"].rstrip().splitlines())
@@ -55,9 +59,29 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     return "\n".join(lines)
 
 
+def moe_lines(step: dict) -> list[str]:
+    """A mixture of experts' output, routing and experts (nothing for other steps)."""
+    if "gate_mode" not in step:
+        return []
+    lines = [f"  mixture of experts: {step['architecture']}, gate_mode {step['gate_mode']}, "
+             f"{step['experts_per_token']} of {len(step['experts'])} experts per token"]
+    for i, e in enumerate(step["experts"]):
+        extra = "".join(f", {k} {e[k]}" for k in ("noise_scale", "residual_scale") if e[k] is not None)
+        lines.append(f"    expert {i}: {e['model']} ({e['positive_prompts']} positive, "
+                     f"{e['negative_prompts']} negative prompts{extra})")
+    lines += [f"    shared expert: {e['model']} ({e['positive_prompts']} positive prompts)" for e in step["shared_experts"]]
+    return lines
+
+
 def methods_report(name: str | None = None) -> str:
+    """Every method with its parameters, or one in detail; an unknown name is a MergeError that
+    lists the known names. Reads only the registry: torch is not imported."""
+    try:
+        shown = [methods.get(name)] if name else [methods.get(n) for n in methods.names()]
+    except KeyError as exc:
+        raise MergeError(exc.args[0]) from None
     lines = []
-    for m in ([methods.get(name)] if name else [methods.get(n) for n in methods.names()]):
+    for m in shown:
         base = {"required": "needs base_model", "optional": "base_model optional", "none": "no base model"}[m.base]
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import methods
 from .io.reader import ModelFiles
 from .plan.schema import MergePlan, ModelRef, Recipe
 
@@ -36,6 +35,7 @@ class StepSummary:
     tensors: int
     save: str | None
     expanded: str | None  # the short form it was expanded from
+    details: tuple[tuple[str, Any], ...] = ()  # what else `plan` shows: a mixture of experts' experts and gates
 
 
 def _is_step(ref: ModelRef, compilers: Mapping[str, Any]) -> bool:
@@ -49,8 +49,22 @@ def step_summaries(recipe: Recipe, compilers: Mapping[str, Any]) -> tuple[StepSu
         refs = step.referenced_models()
         out.append(StepSummary(step.name, step.merge_method, str(step.base_model) if step.base_model else None,
                                tuple(str(r) for r in refs), tuple(r.path for r in refs if _is_step(r, compilers)),
-                               len(comp.layout.tensors), step.save, comp.plan.expanded_from))
+                               len(comp.layout.tensors), step.save, comp.plan.expanded_from, moe_details(comp)))
     return tuple(out)
+
+
+def moe_details(comp: Any) -> tuple[tuple[str, Any], ...]:
+    """A mixture of experts' output architecture, gate mode, experts per token and experts."""
+    spec = comp.plan.moe
+    if spec is None:
+        return ()
+    experts = [{"model": str(e.source_model), "positive_prompts": len(e.positive_prompts),
+                "negative_prompts": len(e.negative_prompts), "noise_scale": e.noise_scale,
+                "residual_scale": e.residual_scale} for e in spec.experts]
+    shared = [{"model": str(e.source_model), "positive_prompts": len(e.positive_prompts)} for e in spec.shared_experts]
+    config = comp.layout.config
+    return (("architecture", config.get("model_type")), ("gate_mode", spec.gate_mode),
+            ("experts_per_token", spec.experts_per_token), ("experts", experts), ("shared_experts", shared))
 
 
 def tokenizer_ref(plan: MergePlan, donor: ModelRef) -> ModelRef | None:
@@ -80,4 +94,4 @@ def tokenizer_folder(comp: Any, compilers: Mapping[str, Any], files: Mapping[str
 def card_data(recipe: Recipe, plan: MergePlan, compilers: Mapping[str, Any]) -> CardData:
     models = tuple(str(r) for s in recipe.steps for r in s.referenced_models() if not _is_step(r, compilers))
     return CardData(recipe.text, plan.merge_method, models, str(plan.base_model) if plan.base_model else None,
-                    methods.get(plan.merge_method).paper)
+                    plan.paper)

@@ -20,6 +20,10 @@ Call convention::
   The methods that factor each layer's weight matrix (TSV, Iso-C) treat embeddings and heads apart.
 
 Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
+
+Method modules take torch from :mod:`mergekit_lite.lazy` (``from ..lazy import torch``), never
+``import torch``, and use it only inside functions: importing the registry must not import torch,
+so that ``mergekit-lite methods`` and ``--help`` answer at once (``tests/test_cli_hygiene.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import inspect
 import keyword
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
+
+from ..errors import did_you_mean
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
@@ -215,11 +221,14 @@ def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...
 
 
 def get(name: str) -> Method:
-    """The method registered as `name`; KeyError listing the known names otherwise."""
+    """The method registered as `name`; KeyError listing the known names otherwise (with the
+    name meant, when `name` differs from one only in case or by a typo). Names are exact, as in
+    mergekit: ``TIES`` is not ``ties``."""
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+        raise KeyError(f"unknown merge method {name!r}{did_you_mean(name, REGISTRY)}; "
+                       f"known methods: {', '.join(sorted(REGISTRY))}") from None
 
 
 def names() -> list[str]:
@@ -259,5 +268,7 @@ from . import karcher as _karcher  # noqa: E402,F401
 from . import model_stock as _model_stock  # noqa: E402,F401
 from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
+from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
+from . import ram as _ram  # noqa: E402,F401
 from . import tsv as _tsv  # noqa: E402,F401
 from . import iso as _iso  # noqa: E402,F401

@@ -7,7 +7,7 @@ https://github.com/danielm1405/iso-merging (``iso_c``, ``iso_cts``).
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, in_unit_interval, register
 from .gta import LAMBDA

@@ -39,11 +39,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-import torch
+from ..lazy import torch
 
 from .gta import task_vector_into
 
-EPS32 = float(torch.finfo(torch.float32).eps)
+EPS32 = 2.0 ** -23  # float32's machine epsilon
 SVD_UNITS = 8.0  # output-sized float32 units alive during one SVD, its outputs included
 SVD_SCRATCH = 4 << 20  # fixed bytes of an SVD beyond SVD_UNITS (LAPACK/threading buffers)
 MATRIX_SECTIONS = ("layer", "stack")  # 2-D weights of these sections are factored

@@ -7,7 +7,7 @@ https://github.com/AntoAndGar/task_singular_vectors (``compute_and_sum_svd_mem_r
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 from .gta import LAMBDA

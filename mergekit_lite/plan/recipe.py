@@ -2,7 +2,8 @@
 
 A :class:`Recipe` is a whole plan file; each of its steps is a :class:`MergePlan` (what mergekit calls
 a MergeConfiguration) whose inputs are :class:`InputModel` entries (``models:``), :class:`OutputSlice`
-entries of :class:`SliceSource` (``slices:``) or one :class:`DepthUpscale`. Every record keeps its key
+entries of :class:`SliceSource` (``slices:``), one :class:`DepthUpscale`, or a mixture of experts
+(:class:`MoESpec`, mergekit-moe's config, parsed by :mod:`mergekit_lite.plan.moe`). Every record keeps its key
 path in the plan so that later checks (:mod:`mergekit_lite.plan.expand`, the graph) can still point
 at the file and line. These records hold no parsing code: see :mod:`mergekit_lite.plan.schema` for
 the entry points and :mod:`mergekit_lite.plan.parser` for the rules.
@@ -16,6 +17,10 @@ from typing import Any, Mapping
 from .. import methods
 from ..errors import Issue
 from .source import Document, Path
+
+# Komatsuzaki et al. 2022, "Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints"
+MOE_PAPER = "https://arxiv.org/abs/2212.05055"
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -62,6 +67,35 @@ class DepthUpscale:
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One entry of a mixture of experts' ``experts:`` (or ``shared_experts:``): the model whose MLP
+    becomes the expert, the prompts its router row is made from, and mergekit-moe's perturbations."""
+
+    source_model: ModelRef
+    positive_prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    noise_scale: float | None
+    residual_scale: float | None
+    path: Path
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A mergekit-moe config's own keys (the base model, dtype and tokenizer are the step's)."""
+
+    experts: tuple[Expert, ...]
+    shared_experts: tuple[Expert, ...]
+    gate_mode: str
+    experts_per_token: int
+    architectures: tuple[str, ...]  # output architectures the config allows (all, without `architecture:`)
+    path: Path
+
+    @property
+    def models(self) -> list[ModelRef]:
+        return [e.source_model for e in self.experts + self.shared_experts]
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """One merge step: what mergekit calls a MergeConfiguration."""
 
@@ -79,6 +113,7 @@ class MergePlan:
     depth_upscale: DepthUpscale | None = None
     embed_source: ModelRef | None = None
     head_source: ModelRef | None = None
+    moe: MoESpec | None = None  # a mixture of experts built from dense models (mergekit-moe's config)
     search: tuple = ()  # the ``search:`` section's Dimensions (plan/space.py); run ignores them
     expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
     doc: Document | None = field(default=None, compare=False, repr=False)
@@ -88,12 +123,18 @@ class MergePlan:
     def method(self) -> methods.Method:
         return methods.get(self.merge_method)
 
+    @property
+    def paper(self) -> str:
+        """Where the step's method is described (for the model card)."""
+        return MOE_PAPER if self.moe is not None else self.method.paper
+
     def referenced_models(self) -> list[ModelRef]:
         """Every model the step reads, in first-mention order, base first."""
         seen: list[ModelRef] = []
         for ref in [self.base_model] + [m.model for m in self.models or ()] + [
             s.model for sl in self.slices or () for s in sl.sources
-        ] + [self.depth_upscale.model if self.depth_upscale else None, self.embed_source, self.head_source]:
+        ] + [self.depth_upscale.model if self.depth_upscale else None, self.embed_source, self.head_source] + (
+            self.moe.models if self.moe else []):
             if ref is not None and ref not in seen:
                 seen.append(ref)
         return seen

@@ -11,7 +11,8 @@ and reports all problems at once, each with its file, line and key path: one
 The work is split so that each part stays small: :mod:`~mergekit_lite.plan.recipe` holds the records
 (re-exported here, their usual import place), :mod:`~mergekit_lite.plan.parser` reads one step,
 :mod:`~mergekit_lite.plan.checks` checks a step against its merge method, and this module reads the
-file, splits it into steps and orders them.
+file, splits it into steps and orders them. A document with ``experts:`` is mergekit-moe's config, read
+by :mod:`~mergekit_lite.plan.moe` into a step of the same kind.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from dataclasses import replace
 
 from ..errors import Issue, PlanError
 from .checks import value_is_conditional_list
+from .moe import MoEParser, is_moe
 from .parser import RECIPE, STEP_KEYS, UNSUPPORTED_KEYS, StepParser, check_seed
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, Recipe, SliceSource
-from .source import load_documents
+from .source import Document, load_documents
 
 __all__ = [
     "DepthUpscale", "InputModel", "MergePlan", "ModelRef", "OutputSlice", "Recipe", "SliceSource",
-    "STEP_KEYS", "UNSUPPORTED_KEYS", "load_plan", "parse_plan", "value_is_conditional_list",
+    "STEP_KEYS", "UNSUPPORTED_KEYS", "load_plan", "parse_plan", "parse_documents", "value_is_conditional_list",
 ]
 
 
@@ -46,7 +48,12 @@ def load_plan(path: str | os.PathLike) -> Recipe:
 
 def parse_plan(text: str, file: str = "<plan>") -> Recipe:
     """Validate plan text (one or several YAML documents) into a :class:`Recipe`."""
-    docs = load_documents(text, file)
+    return parse_documents(load_documents(text, file), file, text)
+
+
+def parse_documents(docs: list[Document], file: str, text: str) -> Recipe:
+    """Validate the YAML documents of a plan (as :func:`~mergekit_lite.plan.source.load_documents`
+    reads them; a caller may have rewritten their data, as ``mergekit-multi`` does) into a Recipe."""
     issues: list[Issue] = []
     warnings: list[str] = []
     steps: list[MergePlan] = []
@@ -60,12 +67,12 @@ def parse_plan(text: str, file: str = "<plan>") -> Recipe:
             issues.append(doc.issue(("steps",), "expected a non-empty list of steps"))
         else:
             for i, raw in enumerate(raw_steps):
-                step = StepParser(doc, raw, ("steps", i), issues, warnings).parse()
+                step = parser_for(raw)(doc, raw, ("steps", i), issues, warnings).parse()
                 if step is not None:
                     steps.append(step)
     else:
         for doc in docs:
-            step = StepParser(doc, doc.data, (), issues, warnings).parse()
+            step = parser_for(doc.data)(doc, doc.data, (), issues, warnings).parse()
             if step is not None:
                 steps.append(step)
     if issues:
@@ -74,6 +81,11 @@ def parse_plan(text: str, file: str = "<plan>") -> Recipe:
         steps = [s if s.seed is not None else replace(s, seed=seed) for s in steps]
     ordered = _order_steps(steps, file)
     return Recipe(steps=tuple(ordered), file=file, text=text, warnings=tuple(warnings))
+
+
+def parser_for(data: object) -> type[StepParser]:
+    """A merge step, or a mixture of experts (mergekit-moe's config: ``experts:``)."""
+    return MoEParser if is_moe(data) else StepParser
 
 
 def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
@@ -99,15 +111,17 @@ def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
             issues.append(s.issue(("name",), f"step '{s.name}' uses itself as a model"))
     if issues:
         raise PlanError(issues)
+    sinks = [s for s in steps if s.name not in used]
     if unnamed:
         output = unnamed[0]
     else:
-        sinks = [s for s in steps if s.name not in used]
-        if len(sinks) != 1:
+        # the step no other uses; among several, the one without save: (the others are outputs too)
+        candidates = sinks if len(sinks) <= 1 else [s for s in sinks if not s.save]
+        if len(candidates) != 1:
             listed = ", ".join(repr(s.name) for s in sinks) or "none (every step is used by another)"
             raise PlanError(Issue(file, None, "", "cannot tell which step is the output: steps no other "
                                   f"step uses: {listed}; leave the output step unnamed"))
-        output = sinks[0]
+        output = candidates[0]
     # depth-first order from the output; a step reached again while on the stack is a cycle
     order: list[MergePlan] = []
     state: dict[int, str] = {}
@@ -125,7 +139,9 @@ def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
         state[key] = "done"
         order.append(step)
 
-    visit(output, [])
+    # steps no other uses but saved (save:) are outputs of their own; they run first, the output last
+    for root in [s for s in sinks if s.save and s is not output] + [output]:
+        visit(root, [])
     unused = [s for s in steps if id(s) not in state]
     if unused:
         raise PlanError([s.issue(("name",), f"step '{s.name}' is not used by the output step") for s in unused])
