@@ -172,3 +172,24 @@ def test_greedy_predictions_equal_transformers_generate(arch, tmp_path):
                              max_new_tokens=7, eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
         until_eos = out[:out.index(eos)] if eos in out else out
         assert text == tokenizer.decode(until_eos, skip_special_tokens=True), (prompt, out)
+
+
+def test_task_files_as_people_write_them(successor, tmp_path):
+    """A byte-order mark, CRLF line ends, numbers as answers, extra keys, a .json list; an end token
+    named only in generation_config.json stops generation."""
+    from mergekit_lite.quality.tasks import load_task
+
+    crlf = tmp_path / "bom.jsonl"
+    crlf.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "b=", "answer": "xy", "id": 1}\r\n\r\n{"prompt": "q", "answer": 7}\r\n')
+    task = load_task(str(crlf))
+    assert task.examples == (("b=", "xy"), ("q", "7")) and task.lines == (1, 3)
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"prompt": "b=", "answer": "xy"}, {"prompt": "b:", "answer": "z"}]))
+    assert load_task(str(listed)).examples == (("b=", "xy"), ("b:", "z"))
+    folder = save_successor(str(tmp_path / "chatty"), mapping={"=": "x", "x": "q", "q": "y"})  # x q y …
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "b=", "answer": "x"}) + "\n")
+    assert evaluate([folder], [str(tmp_path / "t.jsonl")], device="cpu").rows[0].scores["t"]["exact_match"] == 0
+    from quality_helpers import VOCAB
+
+    (tmp_path / "chatty" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, VOCAB["q"]]}))
+    assert evaluate([folder], [str(tmp_path / "t.jsonl")], device="cpu").rows[0].scores["t"]["exact_match"] == 1

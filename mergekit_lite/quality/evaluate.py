@@ -10,6 +10,7 @@ into a transformers model (:mod:`.hf`), then every task file is scored (:mod:`.i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ..graph import Compiled
 from ..merge import Options, compile_plan
 from ..plan.schema import Recipe, load_plan, parse_plan
 from .hf import ModelCache, stream_into
-from .infer import generate, negative_log_likelihood
+from .infer import eos_ids, generate, negative_log_likelihood
 from .scoring import char_accuracy, exact_match, mean, perplexity
 from .tasks import Task, load_task
 
@@ -128,11 +129,12 @@ def task_names(tasks: Sequence[Task]) -> list[str]:
     return [n if short.count(n) == 1 else t.path for n, t in zip(short, tasks)]
 
 
-def score(model: Any, tokenizer: Any, task: Task, device: torch.device, batch_size: int) -> dict[str, float]:
+def score(model: Any, tokenizer: Any, task: Task, device: torch.device, batch_size: int,
+          stop: set[int] | None = None) -> dict[str, float]:
     if task.kind == "perplexity":
         nll, tokens = negative_log_likelihood(model, tokenizer, task, device)
         return {"perplexity": perplexity(nll, tokens), "tokens": tokens}
-    predicted = generate(model, tokenizer, task, device, batch_size)
+    predicted = generate(model, tokenizer, task, device, batch_size, stop)
     answers = [a for _, a in task.examples]
     return {"exact_match": mean([exact_match(p, a) for p, a in zip(predicted, answers)]),
             "char_accuracy": mean([char_accuracy(p, a) for p, a in zip(predicted, answers)]),
@@ -166,11 +168,24 @@ class Evaluator:
         executor = Executor(compiled, device=self.options.device, budget=self.options.budget(compiled))
         stream_into(model, executor.run(), source.label)
         row = Row(source.label)
+        stop = eos_ids(model, tokenizer, generation_eos(spec.tokenizer_folder))
         with flushed_denormals():
             for name, task in zip(task_names(self.tasks), self.tasks):
-                row.scores[name] = score(model, tokenizer, task, device, self.batch_size)
+                row.scores[name] = score(model, tokenizer, task, device, self.batch_size, stop)
         row.seconds = time.time() - start
         return row
+
+
+def generation_eos(folder: str | None) -> Any:
+    """``eos_token_id`` of the generation_config.json next to the tokenizer (chat models often
+    list more end tokens there than in config.json), or None."""
+    path = os.path.join(folder, "generation_config.json") if folder else ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data.get("eos_token_id") if isinstance(data, dict) else None
 
 
 @contextlib.contextmanager

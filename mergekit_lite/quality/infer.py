@@ -29,13 +29,13 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return ids
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every end-of-sequence id the tokenizer or the model's config names."""
+def eos_ids(model: Any, tokenizer: Any, extra: Any = None) -> set[int]:
+    """Every end-of-sequence id the tokenizer, the model's config or `extra` (a model folder's
+    generation_config.json value: one id or a list) names."""
     found = {tokenizer.eos_token_id}
-    for source in (model.config, getattr(model, "generation_config", None)):
-        value = getattr(source, "eos_token_id", None)
+    for value in (getattr(model.config, "eos_token_id", None), extra):
         found.update(value if isinstance(value, (list, tuple)) else [value])
-    return {i for i in found if isinstance(i, int)}
+    return {i for i in found if isinstance(i, int) and not isinstance(i, bool)}
 
 
 def cache_keyword(model: Any) -> str:
@@ -64,14 +64,18 @@ def _greedy_batch(model: Any, ids: torch.Tensor, steps: int, stop: set[int]) -> 
     return out
 
 
-def generate(model: Any, tokenizer: Any, task: Task, device: torch.device, batch_size: int = 64) -> list[str]:
-    """Each example's prediction (see :mod:`.scoring`), in the task's order."""
+def generate(model: Any, tokenizer: Any, task: Task, device: torch.device, batch_size: int = 64,
+             stop: set[int] | None = None) -> list[str]:
+    """Each example's prediction (see :mod:`.scoring`), in the task's order; `stop`: the
+    end-of-sequence ids (default :func:`eos_ids`)."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    stop = eos_ids(model, tokenizer)
+    stop = stop if stop is not None else eos_ids(model, tokenizer)
     by_length: dict[int, list[int]] = defaultdict(list)
     prompts = [encode_prompt(tokenizer, p) for p, _ in task.examples]
     budgets = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS for _, a in task.examples]
     for i, ids in enumerate(prompts):
+        if not ids:
+            raise TaskFileError(f"{task.path}:{task.lines[i]}: the prompt is empty for this tokenizer (no tokens)")
         if limit and len(ids) >= limit:
             raise TaskFileError(f"{task.path}:{task.lines[i]}: the prompt is {len(ids)} tokens, the model's "
                                 f"context is {limit}")

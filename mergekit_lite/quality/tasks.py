@@ -2,9 +2,10 @@
 
 Two kinds, told apart by their content:
 
-- **generation** (``.jsonl``, every line an object with ``prompt`` and ``answer`` strings): the
-  model continues each prompt greedily; scored by exact match and per-character accuracy
-  (:mod:`.scoring`). Other keys on a line are ignored.
+- **generation** (``.jsonl``, every line an object with a ``prompt`` string and an ``answer``
+  string or number; or a ``.json`` file holding a list of such objects): the model continues
+  each prompt greedily; scored by exact match and per-character accuracy (:mod:`.scoring`). Other
+  keys are ignored.
 - **perplexity**: a plain-text file (any other extension), one document, or a ``.jsonl`` whose
   lines have a ``text`` string each, one document per line.
 
@@ -51,7 +52,7 @@ class Task:
 def load_task(path: str, limit: int | None = None) -> Task:
     """Read a task file (see the module docstring); `limit` keeps its first N examples."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the text
             text = fh.read()
     except FileNotFoundError:
         raise TaskFileError(f"{path}: the task file does not exist") from None
@@ -67,16 +68,30 @@ def load_task(path: str, limit: int | None = None) -> Task:
     return task
 
 
+def _records(path: str, text: str) -> list[tuple[int, dict]]:
+    """(line, object) of every record: one per line, or (a ``.json`` file) the items of one list."""
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TaskFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        out = []
+        for i, item in enumerate(items, 1):
+            if not isinstance(item, dict):
+                raise TaskFileError(f"{path}: item {i} is not a JSON object")
+            out.append((i, item))
+        return out
+    return [(n, _record(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def _read_jsonl(path: str, text: str) -> Task:
     examples: list[tuple[str, str]] = []
     texts: list[str] = []
     lines: list[int] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        record = _record(path, number, line)
+    for number, record in _records(path, text):
         if "prompt" in record or "answer" in record:
-            examples.append((_string(path, number, record, "prompt"), _string(path, number, record, "answer")))
+            examples.append((_string(path, number, record, "prompt"),
+                             _string(path, number, record, "answer", numbers=True)))
         elif "text" in record:
             texts.append(_string(path, number, record, "text"))
         else:
@@ -102,8 +117,12 @@ def _record(path: str, number: int, line: str) -> dict:
     return record
 
 
-def _string(path: str, number: int, record: dict, key: str) -> str:
+def _string(path: str, number: int, record: dict, key: str, numbers: bool = False) -> str:
+    """The string at `key`; with `numbers`, a JSON number is taken as written (``42`` -> ``"42"``)."""
     value = record.get(key)
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
-        raise TaskFileError(f"{path}:{number}: '{key}' must be a string, got {value!r}")
+        raise TaskFileError(f"{path}:{number}: '{key}' must be a string{' or a number' if numbers else ''}, "
+                            f"got {value!r}")
     return value
