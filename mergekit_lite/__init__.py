@@ -11,6 +11,9 @@ Python API::
     merged.save("out/")
 """
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
@@ -22,11 +25,47 @@ from .errors import (  # noqa: E402
     ShapeMismatch,
     TensorNotFound,
 )
-from .api import Expr, Model, TaskVector, merge  # noqa: E402
-from .stacking import LayerRange, stack  # noqa: E402
-from .merge import Options, compile_plan, run  # noqa: E402
-from .methods import REGISTRY as METHODS  # noqa: E402
-from .plan.schema import load_plan, parse_plan  # noqa: E402
+
+# The rest is imported on first use (PEP 562), so that importing the package (the command line
+# does, before it can install its signal handlers) does not import torch.
+_LAZY = {
+    "Expr": "api", "Model": "api", "TaskVector": "api", "merge": "api",
+    "LayerRange": "stacking", "stack": "stacking",
+    "Options": "merge", "compile_plan": "merge", "run": "merge",
+    "load_plan": "plan.schema", "parse_plan": "plan.schema",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name == "METHODS":
+        return importlib.import_module(".methods", __name__).REGISTRY
+    if name in _LAZY:
+        value = getattr(importlib.import_module("." + _LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``mergekit_lite.merge`` is the function (as it always was), even once the submodule of that
+    name is imported, which would otherwise replace the attribute."""
+
+    def __getattribute__(self, name: str):
+        if name == "merge":
+            from .api import merge
+
+            return merge
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "__version__",

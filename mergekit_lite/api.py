@@ -194,18 +194,25 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats."""
+             seed: int | None = None, quiet: bool = True, force_overwrite: bool = False, resume: bool = False,
+             clamp_overflow: bool = False):
+        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats.
+
+        `overwrite` replaces a folder an earlier run wrote, `force_overwrite` any folder but an
+        input; `resume` continues an interrupted save of the same expression; `clamp_overflow`
+        clamps values too large for `dtype` (see README, Safety)."""
         options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype)
+                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, force_overwrite=force_overwrite,
+                          resume=resume, clamp_overflow=clamp_overflow)
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | None = None, device: str = "auto", max_memory: str | int | None = None,
-                     seed: int | None = None, only: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     seed: int | None = None, only: Iterable[str] | None = None, clamp_overflow: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(name, tensor)`` pairs of the merged model (CPU tensors) without writing files."""
         from .executor import Executor
 
-        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype)
+        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype, clamp_overflow=clamp_overflow)
         compiled = self._compile(options, sink="emit", only=only)
         yield from Executor(compiled, device=options.device, budget=options.budget(compiled)).run()
 

@@ -1,7 +1,8 @@
 """Command line: ``mergekit-lite run|plan|methods|examples|bench``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
-and exits with status 2; nothing is left in the output folder.
+and exits with status 2; nothing is left in the output folder. SIGINT/SIGTERM exit with 130/143
+after removing temporaries (:mod:`.cli_safety`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import json
 import os
 import sys
 
-from . import __version__
-from .errors import MergeError
+from . import __version__, cli_safety
 
 
 def _merge_options(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_options(p)
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard [5GB]")
     p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and mergekit-lite wrote it")
+    cli_safety.add_run_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
@@ -57,15 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except MergeError as exc:
-        print(f"mergekit-lite: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mergekit-lite: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    """The command line (``argv`` None: the process's own arguments, and this is its entry point).
+    Every failure is a message and an exit status (2; 130/143 for SIGINT/SIGTERM), see cli_safety."""
+    return cli_safety.run(lambda: _dispatch(build_parser().parse_args(argv)), entry=argv is None)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -73,7 +68,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .merge import Options, compile_plan, execute
 
         options = Options(device=args.device, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype)
+                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype,
+                          force_overwrite=args.force_overwrite, resume=args.resume,
+                          clamp_overflow=args.clamp_overflow)
         compiled = compile_plan(args.plan, options)
         for w in compiled.warnings:
             print(f"mergekit-lite: warning: {w}", file=sys.stderr)

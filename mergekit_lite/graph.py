@@ -150,6 +150,7 @@ class Compiled:
     outputs: tuple[OutputSpec, ...]
     steps: tuple[StepSummary, ...]
     warnings: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # every input model's folder (or file) and weight files: never written
 
     @property
     def max_need(self) -> int:
@@ -163,11 +164,12 @@ class Compiled:
 
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
-                   max_shard_size: int = 5 * 10**9) -> Compiled:
+                   max_shard_size: int = 5 * 10**9, clamp: bool = False) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
-    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors."""
+    the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
+    `clamp` clamps values that overflow the dtype they are rounded to (else they are an error)."""
     compilers = _compile_steps(recipe, files, seed)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
@@ -177,11 +179,13 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
             if comp is not final and comp.plan.save:
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
-    graph, groups, needs = assemble(_decide_rounding(sinks))
+    graph, groups, needs = assemble(_decide_rounding(sinks, clamp))
     specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
-    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
+    inputs = sorted({m.path for m in files.values()} | {f for m in files.values() for f in m.files})
+    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings),
+                    tuple(inputs))
 
 
 def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
@@ -239,9 +243,10 @@ def _save_sinks(comp: StepCompiler) -> list[Write]:
     return [comp.save_sinks[ot.name] for ot in comp.layout.tensors]
 
 
-def _decide_rounding(sinks: list[Any]) -> list[Any]:
+def _decide_rounding(sinks: list[Any], clamp: bool = False) -> list[Any]:
     """A merge consumed only by sinks is held in float32 (sinks round it, chunk by chunk, so no
-    rounded copy is ever whole in memory); every other merge rounds its result to its dtype."""
+    rounded copy is ever whole in memory); every other merge rounds its result to its dtype.
+    Whoever rounds (a merge, an Emit; a Write's writer) clamps overflowing values when `clamp`."""
     consumers: dict[Any, list[Any]] = {}
     graph = _build(sinks)
     for node in graph:
@@ -254,6 +259,8 @@ def _decide_rounding(sinks: list[Any]) -> list[Any]:
             if (isinstance(node, Merge) and node.dtype != torch.float32 and node.dtype.is_floating_point
                     and all(isinstance(c, (Write, Emit)) for c in consumers[node])):
                 changes["held_dtype"] = torch.float32
+            if isinstance(node, (Merge, Emit)):
+                changes["clamp"] = clamp
             memo[node] = dataclasses.replace(node, **changes)
         return memo[node]
 

@@ -8,18 +8,24 @@ finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
 from __future__ import annotations
 
 import os
+import dataclasses
+import hashlib
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
+from . import __version__
 from .dtypes import parse_dtype
-from .errors import MergeError
-from .executor import Executor, Stats, auto_budget
-from .graph import Compiled, OutputSpec, compile_recipe
+from .errors import MergeError, MergeWarning
+from .executor import Executor, Stats, auto_budget, check_budget, pick_device
+from .graph import Compiled, Load, OutputSpec, Write, compile_recipe
+from .io.folders import check_free_space, output_error, protected_paths
 from .io.inputs import open_inputs
-from .io.output import copy_tokenizer, write_card, write_config
+from .io.journal import run_key
+from .io.output import copy_tokenizer, tokenizer_bytes, write_card, write_config
 from .io.reader import ModelFiles
 from .io.writer import OutputFolder, ShardedWriter, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
@@ -39,6 +45,9 @@ class Options:
     seed: int | None = None
     dtype: str | None = None  # override of the written dtype
     read_threads: int = 2
+    force_overwrite: bool = False  # replace OUT even if mergekit-lite did not write it (never an input)
+    resume: bool = False  # continue the interrupted run into OUT (same plan, inputs and engine)
+    clamp_overflow: bool = False  # clamp values that overflow the output dtype instead of refusing them
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -85,14 +94,15 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
-                          max_shard_size=options.shard_size())
+                          max_shard_size=options.shard_size(), clamp=options.clamp_overflow)
 
 
 def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
     """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`.
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
-    ``overwrite``, ``quiet``, ``seed``, ``dtype``). Returns the run's :class:`Stats`.
+    ``overwrite``, ``force_overwrite``, ``resume``, ``clamp_overflow``, ``quiet``, ``seed``,
+    ``dtype``). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
@@ -100,25 +110,99 @@ def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Optio
 
 
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
-    """Execute a compiled recipe into `out` (and into the folders of steps with ``save:``)."""
+    """Execute a compiled recipe into `out` (and into the folders of steps with ``save:``).
+
+    Before anything is read: the device and budget are checked, every output folder is checked
+    against the inputs, the plan and the Hugging Face cache, and the free space against the bytes
+    to write. Each folder is written through an :class:`OutputFolder` (a temporary folder with a
+    resume journal, committed with the marker file last); with ``resume``, tensors an interrupted
+    run already wrote are not computed again."""
+    device = pick_device(options.device)
     budget = options.budget(compiled)
+    check_budget(compiled, budget)
+    key = run_key_of(compiled, options, device)
+    folders = output_folders(compiled, out, options, key)
+    if options.resume and all(f.complete() for f in folders.values()):
+        _note(f"{out} already holds the result of this run; nothing to do")
+        return Stats(budget=budget, device=str(device))
     with ExitStack() as stack:
-        folders = {spec.key: stack.enter_context(OutputFolder(spec.key or out, options.overwrite))
-                   for spec in compiled.outputs}
+        for folder in folders.values():
+            stack.enter_context(folder)
+            for text in folder.notes:
+                _note(text)
+        check_free_space({f.out: bytes_to_write(spec, f.done) for spec, f in _pairs(compiled, folders)})
         writers = {}
-        for spec in compiled.outputs:
-            writer = ShardedWriter(folders[spec.key].tmp, spec.layout)
+        for spec, folder in _pairs(compiled, folders):
+            writer = ShardedWriter(folder.tmp, spec.layout, clamp=options.clamp_overflow, journal=folder.journal,
+                                   done=folder.done, label=folder.out)
             stack.callback(writer.close)
             writers[spec.key] = writer
-        executor = Executor(compiled, device=options.device, budget=budget, writers=writers,
+        remaining = skip_written(compiled, {k: f.done for k, f in folders.items()})
+        executor = Executor(remaining, device=device, budget=budget, writers=writers,
                             progress=not options.quiet, read_threads=options.read_threads)
         stats = executor.execute()
-        for spec in compiled.outputs:
+        for spec, folder in _pairs(compiled, folders):
             writers[spec.key].finish()
-            finish_folder(folders[spec.key].tmp, spec)
+            try:
+                finish_folder(folder.tmp, spec)
+            except OSError as exc:
+                raise output_error(exc, folder.out) from None
         for folder in folders.values():
-            folder.commit()
+            folder.commit({"version": __version__, "run_key": key})
     return stats
+
+
+def _pairs(compiled: Compiled, folders: dict[str, OutputFolder]) -> list[tuple[OutputSpec, OutputFolder]]:
+    return [(spec, folders[spec.key]) for spec in compiled.outputs]
+
+
+def _note(text: str) -> None:
+    warnings.warn(text, MergeWarning, stacklevel=3)
+
+
+def output_folders(compiled: Compiled, out: str, options: Options, key: str) -> dict[str, OutputFolder]:
+    """One checked OutputFolder per output (nothing is written yet): keyed like the outputs."""
+    protected = protected_paths(compiled.inputs, compiled.recipe.file if compiled.recipe else None)
+    paths = {spec.key: spec.key or out for spec in compiled.outputs}
+    folders = {}
+    for k, path in paths.items():
+        others = tuple(p for other, p in paths.items() if other != k)
+        folders[k] = OutputFolder(path, options.overwrite, force=options.force_overwrite, protected=protected,
+                                  others=others, key=key, resume=options.resume)
+    return folders
+
+
+def run_key_of(compiled: Compiled, options: Options, device: torch.device) -> str:
+    """The key of a run's resume journal: what the written bytes depend on (see io/journal.py)."""
+    parts = {
+        "plan": compiled.recipe.text if compiled.recipe else "",
+        "options": [options.seed, options.dtype, options.clamp_overflow],
+        "layouts": {spec.key: [hashlib.sha256(s.header).hexdigest() for s in spec.layout.shards]
+                    for spec in compiled.outputs},
+        "engine": [__version__, torch.__version__, torch.get_num_threads(), device.type],
+    }
+    return run_key(parts, {n.file for n in compiled.graph if isinstance(n, Load)})
+
+
+def bytes_to_write(spec: OutputSpec, done: set[str]) -> int:
+    """Bytes an output folder still needs: its shards (less the tensors already written), and a
+    margin for the config, tokenizer and card."""
+    layout = spec.layout
+    total = layout.total_size + sum(len(s.header) for s in layout.shards)
+    total -= sum(layout.where[n][2].nbytes for n in done if n in layout.where)
+    return total + tokenizer_bytes(spec.tokenizer_folder) + (1 << 20)
+
+
+def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
+    """`compiled` without the groups whose every write is already on disk (a resumed run)."""
+    if not any(done.values()):
+        return compiled
+    keep = [i for i, (_, nodes) in enumerate(compiled.groups)
+            if not all(n.tensor in done.get(n.output, ()) for n in nodes if isinstance(n, Write))]
+    if len(keep) < len(compiled.groups):
+        _note(f"resuming: {len(compiled.groups) - len(keep)} of {len(compiled.groups)} tensors were already written")
+    return dataclasses.replace(compiled, groups=tuple(compiled.groups[i] for i in keep),
+                               needs=tuple(compiled.needs[i] for i in keep))
 
 
 def finish_folder(folder: str, spec: OutputSpec) -> None:

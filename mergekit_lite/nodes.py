@@ -29,7 +29,7 @@ from typing import Any, Callable, Union
 import torch
 
 from . import methods
-from .dtypes import element_size, numel
+from .dtypes import all_finite, check_rounded, element_size, numel
 from .errors import MergeError
 
 NODE_KINDS: dict[str, type] = {}
@@ -88,16 +88,6 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
-    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
-    checked entry by entry, in chunks so the boolean mask stays small."""
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
-        return True
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
-
-
 # ------------------------------------------------------------------------------------------------
 # sources
 
@@ -154,6 +144,7 @@ class Merge(NodeBase):
     shape: tuple[int, ...]
     dtype: torch.dtype  # the step's output dtype
     held_dtype: torch.dtype  # what the value is kept as: dtype, or float32 when only sinks consume it
+    clamp: bool = False  # values that overflow `held_dtype` when rounded are clamped, not refused
 
     @property
     def args(self) -> tuple:
@@ -185,6 +176,7 @@ class Merge(NodeBase):
             result = self._call(method.fn, moved, base, kwargs)
             del moved, base
             out = result if self.held_dtype == torch.float32 else result.to(self.held_dtype)
+            check_rounded(result, out, self.tensor, self.clamp)
             del result
         return out.to("cpu") if out.device.type != "cpu" else out
 
@@ -281,6 +273,7 @@ class Emit(_Sink):
     value: Any
     dtype: torch.dtype
     group: str
+    clamp: bool = False  # as Merge.clamp
 
     @property
     def outputs(self) -> tuple[Spec, ...]:
@@ -288,7 +281,9 @@ class Emit(_Sink):
         return () if held == self.dtype else (Spec(self.tensor, self.value.shape, self.dtype),)
 
     def run(self, ctx: Any, args: list) -> None:
-        ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))
+        value = args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype)
+        check_rounded(args[0], value, self.tensor, self.clamp)
+        ctx.emit(self, self.tensor, value)
 
 
 Node = Union[Load, Merge, Pick]

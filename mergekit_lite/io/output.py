@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from .reader import check_inside
 from .resolve import looks_like_repo_id
 
 TOKENIZER_FILES = (
@@ -34,6 +35,16 @@ def write_config(folder: str, config: dict[str, Any]) -> None:
         fh.write("\n")
 
 
+def tokenizer_bytes(src_folder: str | None) -> int:
+    """Bytes of the tokenizer files :func:`copy_tokenizer` would copy."""
+    if not src_folder:
+        return 0
+    files = [p for p in (os.path.join(src_folder, n) for n in TOKENIZER_FILES) if os.path.isfile(p)]
+    for path in files:
+        check_inside(path, src_folder)
+    return sum(os.path.getsize(p) for p in files)
+
+
 def copy_tokenizer(src_folder: str | None, folder: str) -> list[str]:
     """Copy the tokenizer files that exist in `src_folder`; returns their names."""
     copied = []
@@ -42,6 +53,7 @@ def copy_tokenizer(src_folder: str | None, folder: str) -> list[str]:
     for name in TOKENIZER_FILES:
         src = os.path.join(src_folder, name)
         if os.path.isfile(src):
+            check_inside(src, src_folder)  # a link out of the model folder is never followed
             shutil.copyfile(src, os.path.join(folder, name))
             copied.append(name)
     return copied

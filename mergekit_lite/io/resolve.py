@@ -30,6 +30,15 @@ HUB_PATTERNS = [
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def hf_cache_dirs() -> list[str]:
+    """The Hugging Face folders (HF_HOME, and the hub cache when set apart), as huggingface_hub
+    finds them from the environment: inputs may live there, outputs never go there."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return [os.path.abspath(os.path.expanduser(d)) for d in dict.fromkeys((home, hub))]
+
+
 def looks_like_repo_id(path: str) -> bool:
     return bool(_REPO_ID.match(path)) and not path.startswith((".", "/", "~"))
 

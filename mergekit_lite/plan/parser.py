@@ -84,6 +84,7 @@ STEP = Keys(tuple(STEP_KEYS), "unknown key '{key}'; allowed keys: {allowed}",
             refused=("modules", "tokenizer", "chat_template"))
 RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: {allowed}")
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
+MAX_COPIES = 64  # depth_upscale copies: SOLAR uses 2; a huge count would only exhaust memory
 UPSCALE = Keys(("model", "copies", "drop"), "unknown key '{key}'; allowed: {allowed}")
 # mergekit's ModelReference: {model: {path, revision}, lora: ..., override_architecture: ...}; the
 # last two are refused (StepParser.model_ref_mapping)
@@ -347,10 +348,12 @@ class StepParser:
         else:
             ref = self.model_ref(path + ("model",), raw["model"])
         counts = {}
-        for key, lo, default in (("copies", 2, 2), ("drop", 0, 0)):
+        for key, lo, hi, default in (("copies", 2, MAX_COPIES, 2), ("drop", 0, None, 0)):
             v = raw.get(key, default)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 self.report(path + (key,), f"{key} must be an integer >= {lo}, got {v!r}")
+            elif hi is not None and v > hi:
+                self.report(path + (key,), f"{key} must be at most {hi} (each copy repeats every layer), got {v}")
             counts[key] = v
         if len(self.issues) > n_before or ref is None:
             return None

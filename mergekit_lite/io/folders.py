@@ -1,0 +1,282 @@
+"""What may be written where: the rules that keep a merge from destroying anything.
+
+:class:`~mergekit_lite.io.writer.OutputFolder` applies them; they live here so that each is written
+once and tested on its own:
+
+- **Inputs are sacred.** An output folder may not be, contain, or lie inside anything the merge
+  reads (every input model's folder and weight files, adapters included), the plan file, or the
+  Hugging Face cache (:func:`check_location`). No flag overrides this.
+- **Only our own folders are replaced.** ``--overwrite`` replaces an existing folder only if a run
+  of mergekit-lite wrote it: it holds the marker file :data:`MARKER` (``mergekit-lite.json``,
+  written last, listing every file the run wrote) and nothing else besides those files
+  (:func:`replace_refusal`). An empty folder may be replaced too. Anything else needs
+  ``--force-overwrite``.
+- **One run per output.** A run holds an exclusive ``flock`` on ``.OUT.lock`` next to OUT
+  (:class:`OutputLock`) from before it looks at the temporaries until it has committed or cleaned
+  up, so a second run into the same OUT is refused at once instead of racing the first. The kernel
+  drops the lock when a process dies, so a killed run never blocks the next.
+- **Temporaries.** A run writes into ``.OUT.tmp-PID`` next to OUT; a temporary folder always holds
+  the resume journal (:mod:`.journal`) from its first moment, which is how a later run recognises
+  it (:func:`stale_temporaries`): holding the lock, every such folder is from a dead run.
+- **Faults are messages.** :func:`output_error` turns an ``OSError`` while writing into an
+  :class:`~mergekit_lite.errors.OutputError` naming the folder, the bytes needed and the bytes
+  available; :func:`check_free_space` refuses a run before anything is read when the plan's byte
+  estimate does not fit.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from typing import Iterable
+
+from ..errors import OutputError, UnsafeOutput
+from .reader import is_within
+from .resolve import hf_cache_dirs
+
+MARKER = "mergekit-lite.json"  # in every folder a run wrote: who wrote it and which files
+JOURNAL = ".mergekit-lite-journal"  # in every temporary folder (see .journal)
+WRITTEN_BY = "mergekit-lite"
+
+
+def real(path: str) -> str:
+    """Absolute path with every symlink of its existing part resolved."""
+    return os.path.realpath(os.path.abspath(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# where an output may go
+
+
+def protected_paths(inputs: Iterable[str], plan_file: str | None) -> list[tuple[str, str]]:
+    """(real path, what it is) of everything an output must keep away from."""
+    out = [(real(p), f"the input {p}") for p in inputs]
+    if plan_file and os.path.isfile(plan_file):
+        out.append((real(plan_file), f"the plan {plan_file}"))
+    out.extend((real(d), f"the Hugging Face cache {d}") for d in hf_cache_dirs())
+    return out
+
+
+def check_location(out: str, protected: list[tuple[str, str]], others: Iterable[str] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside a protected path, or another output
+    folder of the same run."""
+    target = real(out)
+    for path, what in protected:
+        if target == path:
+            raise UnsafeOutput(f"{out} is {what}; refusing to write an output there (inputs are never replaced)")
+        if is_within(path, target):
+            raise UnsafeOutput(f"{out} contains {what}; refusing to write an output there (replacing it would "
+                               "delete the input)")
+        if is_within(target, path):
+            raise UnsafeOutput(f"{out} lies inside {what}; refusing to write an output there (inputs are never "
+                               "modified)")
+    for other in others:
+        o = real(other)
+        if o == target or is_within(o, target) or is_within(target, o):
+            raise UnsafeOutput(f"the output folders {out} and {other} overlap; give each output its own folder")
+
+
+def replace_refusal(out: str, force: bool, same_run_key: str | None = None) -> str | None:
+    """Why the existing `out` may not be replaced, or None when it may: it is empty, or a run of
+    mergekit-lite wrote it (its marker lists every file in it), or `force`. With `same_run_key`, a
+    folder whose marker carries that run key (the same merge, already complete) may be replaced."""
+    if force:
+        return None
+    if not os.path.isdir(out) or os.path.islink(out):
+        return f"{out} exists and is not a folder mergekit-lite wrote"
+    entries = set(os.listdir(out))
+    if not entries:
+        return None
+    marker = read_marker(out)
+    if marker is None:
+        return f"{out} exists and was not written by mergekit-lite (it has no {MARKER})"
+    extra = sorted(entries - set(marker.get("files", [])) - {MARKER})
+    if extra:
+        shown = ", ".join(extra[:3]) + (" ..." if len(extra) > 3 else "")
+        return f"{out} holds files mergekit-lite did not write ({shown}); move them away first"
+    return None
+
+
+def read_marker(folder: str) -> dict | None:
+    """The marker of a folder a run wrote, or None (absent, unreadable, or not ours)."""
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def write_marker(folder: str, info: dict) -> None:
+    """Write the marker last, listing every file already in `folder`."""
+    files = sorted(f for f in os.listdir(folder) if f not in (MARKER, JOURNAL))
+    with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as fh:
+        json.dump({"written_by": WRITTEN_BY, **info, "files": files}, fh, indent=2)
+        fh.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# temporaries and the lock
+
+
+def temp_name(out: str, pid: int | None = None) -> str:
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{pid or os.getpid()}")
+
+
+def stale_temporaries(out: str) -> list[str]:
+    """Temporary folders of earlier runs into `out` (``.OUT.tmp-PID``, and ``.OUT.tmp-PID.old``
+    of an interrupted replacement), newest first. Only folders that are empty or carry our journal
+    or marker are ours to remove."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    pattern = re.compile(r"^\." + re.escape(base) + r"\.tmp-\d+(\.old)?$")
+    try:
+        names = [n for n in os.listdir(parent) if pattern.match(n)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path) and _ours(path):
+            found.append(path)
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _ours(path: str) -> bool:
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    return not entries or JOURNAL in entries or MARKER in entries
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def remove_tree(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class OutputLock:
+    """An exclusive lock on ``.OUT.lock`` next to `out` (flock: released by the kernel when the
+    process dies). The lock file is removed on release."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise output_error(exc, self.out) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"another mergekit-lite run (pid {holder}) is writing {self.out}; wait for it to "
+                                  "finish, or choose another output folder") from None
+            except OSError:  # a file system without locks: go on unlocked
+                pass
+            if self._same_file(fd):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)  # the file was replaced while we waited for it: lock the new one
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+# ------------------------------------------------------------------------------------------------
+# space and OS errors
+
+
+def free_bytes(folder: str) -> int | None:
+    """Bytes available to us on the file system of `folder` (or its nearest existing parent)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _device(folder: str) -> int | None:
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
+
+
+def check_free_space(needs: dict[str, int]) -> None:
+    """Refuse a run whose outputs (folder -> bytes it will write) do not fit where they go; outputs
+    on one file system are added up."""
+    from .writer import human_size
+
+    by_device: dict[int | None, list[str]] = {}
+    for folder in needs:
+        by_device.setdefault(_device(folder), []).append(folder)
+    for folders in by_device.values():
+        need = sum(needs[f] for f in folders)
+        free = free_bytes(folders[0])
+        if free is not None and need > free:
+            where = folders[0] if len(folders) == 1 else f"{folders[0]} (and {len(folders) - 1} more outputs)"
+            raise OutputError(f"not enough free space for {where}: the merge writes {human_size(need)} ({need} bytes) "
+                              f"there, and {human_size(free)} ({free} bytes) is available")
+
+
+def output_error(exc: OSError, folder: str, need: int | None = None) -> OutputError:
+    """An OSError met while writing `folder`, as a message for people."""
+    from .writer import human_size
+
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = free_bytes(folder)
+        parts = [f"cannot write {folder}: {reason}"]
+        if need is not None:
+            parts.append(f"the merge writes {human_size(need)} ({need} bytes) there")
+        if free is not None:
+            parts.append(f"{human_size(free)} ({free} bytes) is available")
+        return OutputError("; ".join(parts))
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutputError(f"cannot write {folder}: {reason} (a read-only file system, or no permission to "
+                           "write there); choose another output folder")
+    return OutputError(f"cannot write {folder}: {reason}")
