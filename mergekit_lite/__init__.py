@@ -14,6 +14,31 @@ Python API::
 import sys
 import types
 
+
+def _guard_start_up() -> None:
+    """When this process is the command line (``mergekit-*`` scripts, ``python -m mergekit_lite``),
+    a SIGINT or SIGTERM before the command line's own handlers are in place (while Python imports
+    the package) ends the process at once with 130/143 and one line, not a traceback; nothing has
+    been written yet. Library users' signal handling is left alone."""
+    import os
+    import signal
+
+    orig = getattr(sys, "orig_argv", [])
+    as_module = "-m" in orig[:-1] and orig[orig.index("-m") + 1] == __name__
+    if not (as_module or os.path.basename(sys.argv[0] if sys.argv else "").startswith("mergekit-")):
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        os.write(2, f"mergekit-lite: stopped by {signal.Signals(signum).name} while starting\n".encode())
+        os._exit(128 + signum)
+
+    if hasattr(signal, "SIGTERM"):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, stop)
+
+
+_guard_start_up()
+
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402

@@ -78,7 +78,7 @@ def _fail(message: str) -> int:
 
 def _interrupted(exc: Interrupted) -> int:
     name = signal.Signals(exc.signum).name if exc.signum in signal.Signals._value2member_map_ else str(exc.signum)
-    print(f"mergekit-lite: stopped by {name}; temporary files were removed and no output was replaced",
+    print(f"mergekit-lite: stopped by {name}; its temporary files were removed",
           file=sys.stderr)
     return exc.status
 

@@ -2,7 +2,9 @@
 
 This is the runner: it is the only place that turns options into a budget and a shard size,
 resolves and opens models (through :mod:`.io.inputs`) before the compiler sees their headers, and
-finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
+finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`. It also checks,
+before anything is read, that the outputs keep away from the inputs and fit on disk, and computes
+the run's key for the resume journal (README, "Safety").
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ def bytes_to_write(spec: OutputSpec, done: set[str]) -> int:
     layout = spec.layout
     total = layout.total_size + sum(len(s.header) for s in layout.shards)
     total -= sum(layout.where[n][2].nbytes for n in done if n in layout.where)
-    return total + tokenizer_bytes(spec.tokenizer_folder) + (1 << 20)
+    return total + tokenizer_bytes(spec.tokenizer_folder) + (64 << 10)
 
 
 def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:

@@ -51,26 +51,34 @@ def real(path: str) -> str:
 # where an output may go
 
 
-def protected_paths(inputs: Iterable[str], plan_file: str | None) -> list[tuple[str, str]]:
-    """(real path, what it is) of everything an output must keep away from."""
-    out = [(real(p), f"the input {p}") for p in inputs]
+Protected = list  # of (real path, what it is, whether an output may lie inside it)
+
+
+def protected_paths(inputs: Iterable[str], plan_file: str | None) -> Protected:
+    """Everything an output must keep away from: the inputs, the plan and the Hugging Face cache
+    (an output may not be, contain or lie inside them), and the current folder, the home folder and
+    the root (an output may lie inside them, but not be or contain them)."""
+    out = [(real(p), f"the input {p}", False) for p in inputs]
     if plan_file and os.path.isfile(plan_file):
-        out.append((real(plan_file), f"the plan {plan_file}"))
-    out.extend((real(d), f"the Hugging Face cache {d}") for d in hf_cache_dirs())
+        out.append((real(plan_file), f"the plan {plan_file}", False))
+    out.extend((real(d), f"the Hugging Face cache {d}", False) for d in hf_cache_dirs())
+    out.extend((real(d), what, True) for d, what in ((os.getcwd(), "the current folder"),
+                                                     (os.path.expanduser("~"), "the home folder"),
+                                                     (os.path.abspath(os.sep), "the root folder")))
     return out
 
 
-def check_location(out: str, protected: list[tuple[str, str]], others: Iterable[str] = ()) -> None:
+def check_location(out: str, protected: Protected, others: Iterable[str] = ()) -> None:
     """Refuse an output folder that is, contains or lies inside a protected path, or another output
     folder of the same run."""
     target = real(out)
-    for path, what in protected:
+    for path, what, inside_ok in protected:
         if target == path:
-            raise UnsafeOutput(f"{out} is {what}; refusing to write an output there (inputs are never replaced)")
+            raise UnsafeOutput(f"{out} is {what}; refusing to write an output there (it would be replaced)")
         if is_within(path, target):
             raise UnsafeOutput(f"{out} contains {what}; refusing to write an output there (replacing it would "
-                               "delete the input)")
-        if is_within(target, path):
+                               f"delete {what})")
+        if is_within(target, path) and not inside_ok:
             raise UnsafeOutput(f"{out} lies inside {what}; refusing to write an output there (inputs are never "
                                "modified)")
     for other in others:
@@ -162,12 +170,13 @@ def _mtime(path: str) -> float:
 
 
 def remove_tree(path: str) -> None:
+    """Remove a folder (or a file, or a link) if it is there; cleanup never raises."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
-    else:
+    elif os.path.lexists(path):
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except OSError:
             pass
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..arch import config_problem
 from ..dtypes import ST_TO_TORCH, element_size, numel
 from ..errors import MalformedFile, ModelNotFound
 from .resolve import hf_cache_dirs
@@ -293,7 +294,11 @@ def _read_config(folder: str) -> dict[str, Any]:
     if not os.path.exists(cfg):
         return {}
     check_inside(cfg, folder)
-    return _read_json(cfg, "config.json")
+    config = _read_json(cfg, "config.json")
+    problem = config_problem(config)
+    if problem:
+        raise MalformedFile(f"{cfg}: not a valid config.json ({problem})")
+    return config
 
 
 class TensorReader:

@@ -27,7 +27,12 @@ HUB_PATTERNS = [
     "*.model",
     "chat_template.*",
 ]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hugging Face's rules: org/name, each part 1-96 characters of letters, digits, '_', '-' and '.',
+# starting and ending with a letter, digit or '_', without '--' or '..'.
+_PART = r"\w(?:[\w.-]{0,94}\w)?"
+_REPO_ID = re.compile(rf"^{_PART}/{_PART}$", re.ASCII)
+# A branch, tag, commit or refs/pr/N: no '..', no leading '/', '-' or '.', no trailing '/'.
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*//)[\w][\w./-]{0,199}(?<!/)$", re.ASCII)
 
 
 def hf_cache_dirs() -> list[str]:
@@ -40,7 +45,14 @@ def hf_cache_dirs() -> list[str]:
 
 
 def looks_like_repo_id(path: str) -> bool:
-    return bool(_REPO_ID.match(path)) and not path.startswith((".", "/", "~"))
+    return bool(_REPO_ID.match(path)) and "--" not in path and ".." not in path
+
+
+def check_revision(ref: str, revision: str | None) -> None:
+    """Refuse a revision that is not a plain branch, tag or commit name, before any download."""
+    if revision is not None and not (_REVISION.match(revision) and not revision.endswith(".lock")):
+        raise ModelNotFound(f"{ref}: '{revision}' is not a valid revision (a branch, tag or commit: letters, "
+                            "digits, '_', '-', '.', '/', without '..')")
 
 
 def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None) -> str:
@@ -57,8 +69,9 @@ def resolve_model(path: str, revision: str | None = None, plan_dir: str | None =
             return cand
     if not looks_like_repo_id(path):
         looked = " and ".join(os.path.abspath(c) for c in candidates)
-        raise ModelNotFound(f"model '{path}' not found: no such file or folder ({looked}), and it is not a "
-                            "Hugging Face repo id (org/name)")
+        raise ModelNotFound(f"model '{path[:200]}' not found: no such file or folder ({looked[:400]}), and it is "
+                            "not a Hugging Face repo id (org/name)")
+    check_revision(path, revision)
     return download(path, revision)
 
 

@@ -5,6 +5,11 @@ computed, from the planned shapes and dtypes; each shard's header is written up 
 are written at their offsets as they arrive, in any order. Nothing is buffered: a tensor's bytes
 go to disk as soon as it is computed. Everything is written into a temporary folder next to the
 output, which is renamed into place only when the whole merge succeeded.
+
+:class:`OutputFolder` is where it is decided what may be replaced and how a folder's life goes
+(checks, lock, temporaries of dead runs, resume, commit); the rules themselves are in
+:mod:`.folders`, the resume journal in :mod:`.journal`. Every value is checked after rounding to
+the output dtype (:func:`~mergekit_lite.dtypes.check_rounded`).
 """
 
 from __future__ import annotations
@@ -246,7 +251,7 @@ class OutputFolder:
     """
 
     def __init__(self, out: str, overwrite: bool = False, *, force: bool = False,
-                 protected: list[tuple[str, str]] | None = None, others: tuple[str, ...] = (),
+                 protected: list[tuple[str, str, bool]] | None = None, others: tuple[str, ...] = (),
                  key: str | None = None, resume: bool = False):
         self.out = os.path.abspath(out)
         self.overwrite = overwrite or force

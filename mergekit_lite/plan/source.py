@@ -113,7 +113,10 @@ class _Builder:
         self.active: set[int] = set()  # nodes being built (an alias to one of them is a cycle)
 
     def fatal(self, node: yaml.Node, path: Path, message: str) -> _Fatal:
-        return _Fatal(Issue(self.doc.file, node.start_mark.line + 1, format_path(path), message))
+        """Stop building. The line is the top-level key's (an expanded alias's own line would
+        point at its anchor, not at where the expansion went wrong)."""
+        line = self.doc.lines.get(path[:1]) if path else None
+        return _Fatal(Issue(self.doc.file, line or node.start_mark.line + 1, format_path(path), message))
 
     def build(self, node: yaml.Node, path: Path, depth: int = 0) -> Any:
         self.count += 1
