@@ -41,13 +41,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def run(command: Callable[[], int], entry: bool) -> int:
     """Run `command` with signals handled and every failure turned into a message and a status.
     `entry`: this is the process's entry point (keep the signal handlers until it exits)."""
-    with handling_signals(restore=not entry), warnings.catch_warnings():
-        warnings.simplefilter("always", MergeWarning)
-        warnings.showwarning = _show_warning
-        try:
+    try:
+        with handling_signals(restore=not entry), warnings.catch_warnings():
+            warnings.simplefilter("always", MergeWarning)
+            warnings.showwarning = _show_warning
             return _guarded(command)
-        except Interrupted as exc:  # a signal that arrived while an error was being reported
-            return _interrupted(exc)
+    except Interrupted as exc:  # a signal that arrived while an error was reported, or on the way out
+        return _interrupted(exc)
 
 
 def _guarded(command: Callable[[], int]) -> int:

@@ -15,6 +15,9 @@ the output dtype (:func:`~mergekit_lite.dtypes.check_rounded`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import re
@@ -153,8 +156,13 @@ class ShardedWriter:
                                  "run again without --resume")
             return fd
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(fd, shard.header, 0)
-        os.ftruncate(fd, size)
+        try:
+            reserve(fd, size)
+            _pwrite_all(fd, shard.header, 0)
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
         return fd
 
     @contextlib.contextmanager
@@ -178,8 +186,10 @@ class ShardedWriter:
                 raise RuntimeError(f"tensor {name} written twice")
             self._written.add(name)
         tensor = tensor.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.to("cpu", dtype=planned.dtype)
+        if tensor.device.type != "cpu":  # round where it is, checked like any rounding, then copy
+            rounded = tensor.to(planned.dtype)
+            check_rounded(tensor, rounded, name, self.clamp)
+            tensor = rounded.to("cpu")
         tensor = tensor.contiguous().reshape(-1)
         with self._os_errors():
             self._write_bytes(name, self._fds[shard.file], offset, planned.dtype, tensor)
@@ -227,6 +237,30 @@ class ShardedWriter:
             except OSError:
                 pass
         self._fds = {}
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate a shard's blocks before anything is computed (Linux ``fallocate``), so that a disk
+    too small, or filled by another process since the free-space check, fails the run at once and
+    not after hours of merging. Where the file system cannot (or the platform has no fallocate),
+    the file stays sparse, as before; glibc's slow zero-writing emulation is never used."""
+    libc = _libc()
+    if libc is None or size <= 0:
+        return
+    if libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
