@@ -9,9 +9,9 @@ the run's key for the resume journal (README, "Safety").
 
 from __future__ import annotations
 
-import os
 import dataclasses
 import hashlib
+import os
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass

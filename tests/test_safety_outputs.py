@@ -196,7 +196,8 @@ def test_temporaries_of_dead_runs_are_removed_by_the_next_run(work):
     os.makedirs(".out.tmp-999999999")
     open(os.path.join(".out.tmp-999999999", JOURNAL), "w").write("{}\n")
     open(os.path.join(".out.tmp-999999999", "model.safetensors"), "wb").write(b"x" * 1000)
-    os.makedirs(".out.tmp-999999998.old")  # an interrupted replacement
+    os.makedirs(".out.tmp-999999998.old")  # the replaced OUT of a replacement cut short by SIGKILL
+    open(".out.tmp-999999998.old/whatever", "w").write("replaced with --force-overwrite")
     os.makedirs(".out.tmp-999999997")  # killed before its journal existed: empty
     os.makedirs(".out.tmp-12")  # not ours (no journal, not empty): left alone
     open(".out.tmp-12/user-file", "w").write("keep")

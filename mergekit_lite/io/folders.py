@@ -87,10 +87,9 @@ def check_location(out: str, protected: Protected, others: Iterable[str] = ()) -
             raise UnsafeOutput(f"the output folders {out} and {other} overlap; give each output its own folder")
 
 
-def replace_refusal(out: str, force: bool, same_run_key: str | None = None) -> str | None:
+def replace_refusal(out: str, force: bool) -> str | None:
     """Why the existing `out` may not be replaced, or None when it may: it is empty, or a run of
-    mergekit-lite wrote it (its marker lists every file in it), or `force`. With `same_run_key`, a
-    folder whose marker carries that run key (the same merge, already complete) may be replaced."""
+    mergekit-lite wrote it (its marker lists every file in it), or `force`."""
     if force:
         return None
     if not os.path.isdir(out) or os.path.islink(out):
@@ -137,9 +136,9 @@ def temp_name(out: str, pid: int | None = None) -> str:
 
 
 def stale_temporaries(out: str) -> list[str]:
-    """Temporary folders of earlier runs into `out` (``.OUT.tmp-PID``, and ``.OUT.tmp-PID.old``
-    of an interrupted replacement), newest first. Only folders that are empty or carry our journal
-    or marker are ours to remove."""
+    """Temporary folders of earlier runs into `out` (``.OUT.tmp-PID``, and ``.OUT.tmp-PID.old``,
+    the replaced OUT of a replacement cut short), newest first. A ``.tmp-PID`` folder is ours to
+    remove only if it is empty or carries our journal or marker."""
     parent, base = os.path.dirname(out), os.path.basename(out)
     pattern = re.compile(r"^\." + re.escape(base) + r"\.tmp-\d+(\.old)?$")
     try:
@@ -149,7 +148,7 @@ def stale_temporaries(out: str) -> list[str]:
     found = []
     for name in names:
         path = os.path.join(parent, name)
-        if os.path.isdir(path) and not os.path.islink(path) and _ours(path):
+        if os.path.isdir(path) and not os.path.islink(path) and (name.endswith(".old") or _ours(path)):
             found.append(path)
     return sorted(found, key=_mtime, reverse=True)
 

@@ -296,7 +296,7 @@ class OutputFolder:
         if os.path.lexists(self.out):
             if not self.overwrite and not (resume and self.complete()):
                 raise OutputExists(f"{out} already exists; choose another output folder or pass --overwrite")
-            why = replace_refusal(self.out, force, key if resume else None)
+            why = replace_refusal(self.out, force)
             if why:
                 raise UnsafeOutput(f"{why}; --overwrite only replaces a folder a run of mergekit-lite wrote; "
                                    "pass --force-overwrite to replace it anyway")
@@ -369,7 +369,7 @@ class OutputFolder:
         if os.path.lexists(self.out):
             if not self.overwrite and not (self.resume and self.complete()):
                 raise OutputExists(f"{self.out} appeared while merging; not replacing it without --overwrite")
-            why = replace_refusal(self.out, self.force, self.key if self.resume else None)
+            why = replace_refusal(self.out, self.force)
             if why:
                 raise UnsafeOutput(f"{why} (it changed while merging); not replacing it")
             old = self.tmp + ".old"
