@@ -9,10 +9,19 @@ Python API::
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/")
+
+Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
+line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
+must answer at once. So this module imports nothing heavy itself: ``mergekit_lite.Model`` imports
+the API (and torch) the first time it is used. The errors are plain Python and are imported here.
 """
 
+from __future__ import annotations
+
+import importlib
 import sys
 import types
+from typing import Any
 
 
 def _guard_start_up() -> None:
@@ -32,9 +41,8 @@ def _guard_start_up() -> None:
         os.write(2, f"mergekit-lite: stopped by {signal.Signals(signum).name} while starting\n".encode())
         os._exit(128 + signum)
 
-    if hasattr(signal, "SIGTERM"):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, stop)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
 
 
 _guard_start_up()
@@ -51,66 +59,47 @@ from .errors import (  # noqa: E402
     TensorNotFound,
 )
 
-# The rest is imported on first use (PEP 562), so that importing the package (the command line
-# does, before it can install its signal handlers) does not import torch.
+# exported name -> (module, attribute)
 _LAZY = {
-    "Expr": "api", "Model": "api", "TaskVector": "api", "merge": "api",
-    "LayerRange": "stacking", "stack": "stacking",
-    "Options": "merge", "compile_plan": "merge", "run": "merge",
-    "load_plan": "plan.schema", "parse_plan": "plan.schema",
+    "Model": (".api", "Model"),
+    "Expr": (".api", "Expr"),
+    "TaskVector": (".api", "TaskVector"),
+    "merge": (".api", "merge"),
+    "LayerRange": (".stacking", "LayerRange"),
+    "stack": (".stacking", "stack"),
+    "Options": (".merge", "Options"),
+    "compile_plan": (".merge", "compile_plan"),
+    "run": (".merge", "run"),
+    "METHODS": (".methods", "REGISTRY"),
+    "load_plan": (".plan.schema", "load_plan"),
+    "parse_plan": (".plan.schema", "parse_plan"),
 }
 
+__all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",
+           "BudgetExceeded", "OutputExists"]
 
-def __getattr__(name: str):
-    import importlib
 
-    if name == "METHODS":
-        return importlib.import_module(".methods", __name__).REGISTRY
-    if name in _LAZY:
-        value = getattr(importlib.import_module("." + _LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mergekit_lite' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    object.__setattr__(sys.modules[__name__], name, value)
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class _Package(types.ModuleType):
-    """``mergekit_lite.merge`` is the function (as it always was), even once the submodule of that
-    name is imported, which would otherwise replace the attribute."""
+    """Keeps ``mergekit_lite.merge`` the API function: importing the runner submodule
+    ``mergekit_lite.merge`` would otherwise rebind the package attribute of the same name."""
 
-    def __getattribute__(self, name: str):
-        if name == "merge":
-            from .api import merge
-
-            return merge
-        return super().__getattribute__(name)
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "merge" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-__all__ = [
-    "__version__",
-    "Model",
-    "Expr",
-    "TaskVector",
-    "LayerRange",
-    "stack",
-    "merge",
-    "run",
-    "compile_plan",
-    "parse_plan",
-    "load_plan",
-    "Options",
-    "METHODS",
-    "MergeError",
-    "PlanError",
-    "ModelNotFound",
-    "TensorNotFound",
-    "ShapeMismatch",
-    "BudgetExceeded",
-    "OutputExists",
-]

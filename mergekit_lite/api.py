@@ -50,6 +50,7 @@ class Expr:
         if isinstance(other, TaskVector):
             return self + (-other)
         if isinstance(other, Expr):
+            _whole(self, other)
             return TaskVector(((self, 1.0),), other)
         return _no_number("subtract", other)
 
@@ -57,6 +58,8 @@ class Expr:
         if isinstance(other, TaskVector):
             return _apply(self, other)
         if isinstance(other, Expr):
+            if not _partial(self) and not _partial(other):
+                raise TypeError(_ADDED.format(a=self, b=other))
             return _Combo.of(self) + _Combo.of(other)
         return _no_number("add", other)
 
@@ -78,7 +81,8 @@ class Expr:
         return NotImplemented
 
     def __neg__(self) -> "Expr":
-        return self * -1.0
+        raise TypeError(f"cannot negate the model {self!r}: -θ is not a model. To remove what a fine-tune "
+                        "learned, subtract its task vector: base - 0.5 * (finetuned - base)")
 
     # -- methods ------------------------------------------------------------------------------
     def merge(self, method: str, others: "Expr | TaskVector | Sequence[Expr | TaskVector]" = (),
@@ -192,23 +196,18 @@ class Expr:
         return self
 
     # -- running ------------------------------------------------------------------------------
-    def save(self, out: str | os.PathLike, *, dtype: str | None = None, device: str = "auto",
+    def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
              seed: int | None = None, quiet: bool = True, force_overwrite: bool = False, resume: bool = False,
              clamp_overflow: bool = False):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats.
-
-        `overwrite` replaces a folder an earlier run wrote, `force_overwrite` any folder but an
-        input; `resume` continues an interrupted save of the same expression; `clamp_overflow`
-        clamps values too large for `dtype` (see README, Safety)."""
-        options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, force_overwrite=force_overwrite,
-                          resume=resume, clamp_overflow=clamp_overflow)
+        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats. The
+        keywords are :class:`Options` fields (README, "Safety": the last three, and `overwrite`)."""
+        options = Options(**{k: v for k, v in locals().items() if k not in ("self", "out")})
         return execute(self._compile(options), os.fspath(out), options)
 
-    def iter_tensors(self, *, dtype: str | None = None, device: str = "auto", max_memory: str | int | None = None,
-                     seed: int | None = None, only: Iterable[str] | None = None, clamp_overflow: bool = False
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
+                     max_memory: str | int | None = None, seed: int | None = None, only: Iterable[str] | None = None,
+                     clamp_overflow: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(name, tensor)`` pairs of the merged model (CPU tensors) without writing files."""
         from .executor import Executor
 
@@ -278,6 +277,8 @@ class TaskVector:
         return self * -1.0
 
     def __add__(self, other: Any):
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self  # 0 is the additive identity of task vectors: sum([a - base, b - base]) works
         if isinstance(other, TaskVector):
             if not _same(self.base, other.base):
                 raise TypeError(f"cannot add task vectors taken against different bases ({self.base!r} and "
@@ -314,7 +315,8 @@ def merge(method: str, models: Sequence[Expr | TaskVector], base: Expr | None = 
 
 
 class _Combo(Expr):
-    """Σ cⱼ·θⱼ, a plain linear combination of models (lowered to ``linear`` with normalize: false)."""
+    """Σ cⱼ·θⱼ (lowered to ``linear``, normalize: false); a model only when Σ cⱼ = 1 (0.5·a + 0.5·b).
+    Otherwise it is *partial* (0.5·a on its way to an average) and using it as a model is an error."""
 
     def __init__(self, terms: tuple[tuple[Expr, float], ...]):
         self.terms = terms
@@ -324,8 +326,9 @@ class _Combo(Expr):
         return x if isinstance(x, _Combo) and x._name is None else _Combo(((x, 1.0),))
 
     def __add__(self, other: Any):
-        if isinstance(other, Expr) and not isinstance(other, TaskVector):
-            return _Combo(_add_terms(self.terms, _Combo.of(other).terms))._checked()
+        if isinstance(other, Expr) and (_partial(self) or _partial(other)):
+            combo = _Combo(_add_terms(self.terms, _Combo.of(other).terms))
+            return combo if _partial(combo) else combo._checked()
         return Expr.__add__(self, other)
 
     __radd__ = __add__
@@ -345,6 +348,7 @@ class _Combo(Expr):
             yield from x._leaves()
 
     def _doc(self, low: "Lowering") -> dict | None:
+        _whole(self)
         if len(self.terms) == 1 and self.terms[0][1] == 1.0:
             return None  # the identity
         return {"merge_method": "linear",
@@ -415,6 +419,32 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, Model) and isinstance(b, Model) and (a.path, a.revision) == (b.path, b.revision)
 
 
+_ADDED = ("cannot add the models {a!r} and {b!r}: a sum of models is not a model (its weights add up to 2). "
+          "Subtract the base first to add what a fine-tune learned: base + (finetuned - base); average models "
+          "with weights summing to 1: 0.5 * a + 0.5 * b; or ask for this linear merge by name: "
+          "merge('linear', [a, b], weight=[1, 1], normalize=False)")
+_PARTIAL = ("{x!r} is not a model: its weights sum to {total:g}, not 1. Average models with weights summing to 1 "
+            "(0.5 * a + 0.5 * b), scale what a fine-tune learned instead (base + 2 * (finetuned - base)), or ask "
+            "for this linear combination by name: merge('linear', [...], weight=[...], normalize=False)")
+
+
+def _weight_sum(x: Expr) -> float:
+    return sum(c for _, c in x.terms) if isinstance(x, _Combo) else 1.0
+
+
+def _partial(x: Expr) -> bool:
+    """A scaled model on its way to a weighted average (Σ weights ≠ 1), not yet a model."""
+    return abs(_weight_sum(x) - 1.0) > 1e-9
+
+
+def _whole(*xs: Expr) -> None:
+    for x in filter(_partial, xs):
+        raise TypeError(_PARTIAL.format(x=x, total=_weight_sum(x)))
+
+
 def _no_number(op: str, other: Any):
+    if op == "add" and isinstance(other, Number) and other == 0:
+        raise TypeError("cannot add 0 and a model (sum() of models?): models do not add up. Add task vectors, "
+                        "base + sum(m - base for m in models), or average: merge('linear', models, weight=[...])")
     raise TypeError(f"cannot {op} {type(other).__name__} {other!r} and a model: scale a task vector instead, "
                     "e.g. base + 0.5 * (finetuned - base)")

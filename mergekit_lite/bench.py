@@ -23,9 +23,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from math import prod as numel  # not dtypes.numel: building the CLI parser must not import torch
 from typing import Any
 
-from .dtypes import numel
+from .dropin import mergekit_command
 
 _WRAP = textwrap.dedent("""
     import json, resource, subprocess, sys, time
@@ -212,7 +213,7 @@ def _tools(args) -> list[_Tool]:
         if not os.path.isdir(os.path.join(src, "mergekit_lite")):
             raise SystemExit(f"--compare {args.compare}: no mergekit_lite package there")
         tools.append(_Tool(f"mergekit-lite ({os.path.basename(src)})", ours, {"PYTHONPATH": src}, here))
-    mk = args.mergekit or shutil.which("mergekit-yaml")
+    mk = args.mergekit or mergekit_command()  # mergekit's, not our mergekit-yaml entry point
     if mk and not os.path.exists(mk):
         raise SystemExit(f"--mergekit {mk}: not found")
     if mk:

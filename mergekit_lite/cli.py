@@ -1,8 +1,10 @@
 """Command line: ``mergekit-lite run|plan|methods|examples|bench``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
-and exits with status 2; nothing is left in the output folder. SIGINT/SIGTERM exit with 130/143
-after removing temporaries (:mod:`.cli_safety`).
+and exits with status 2; nothing is left in the output folder; SIGINT/SIGTERM exit with 130/143
+after removing temporaries (:mod:`.cli_safety`). ``run`` also takes mergekit's flags
+(:mod:`.flags`; its handler is :func:`.dropin.run_command`, shared with ``mergekit-yaml``). Building
+the parser imports nothing heavy, so ``--help`` and ``methods`` answer at once.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import os
 import sys
 
 from . import __version__, cli_safety
+from .dropin import refused_command
+from .flags import Parser, add_flags
 
 
 def _merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N [auto]")
+    p.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda or cuda:N [auto]")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="budget for tensor bytes alive at once, e.g. 8GB [auto: the largest step plus read-ahead]")
     p.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides the plan's seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergekit-lite", description="Streaming merges of language models "
+    parser = Parser(prog="mergekit-lite", description="Streaming merges of language models "
                                      "from mergekit-style YAML plans.")
     parser.add_argument("--version", action="version", version=f"mergekit-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", help="YAML merge plan")
     p.add_argument("out", help="output folder (written atomically)")
     _merge_options(p)
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard [5GB]")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output shard in bytes, Hugging Face's units: 5GB, 2GiB (mergekit's 1B, a count of "
+                        "parameters, is --out-shard-size 1B) [5GB]")
     p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and mergekit-lite wrote it")
     cli_safety.add_run_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_flags(p)
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
     p.add_argument("plan", help="YAML merge plan")
@@ -60,32 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line (``argv`` None: the process's own arguments, and this is its entry point).
     Every failure is a message and an exit status (2; 130/143 for SIGINT/SIGTERM), see cli_safety."""
+    refusal = refused_command(sys.argv[1:] if argv is None else argv)
+    if refusal:
+        print(f"mergekit-lite: error: {refusal}", file=sys.stderr)
+        return 2
     return cli_safety.run(lambda: _dispatch(build_parser().parse_args(argv)), entry=argv is None)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from .merge import Options, compile_plan, execute
+        from .dropin import run_command
 
-        options = Options(device=args.device, max_memory=args.max_memory, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite, quiet=args.quiet, seed=args.seed, dtype=args.dtype,
-                          force_overwrite=args.force_overwrite, resume=args.resume,
-                          clamp_overflow=args.clamp_overflow)
-        compiled = compile_plan(args.plan, options)
-        for w in compiled.warnings:
-            print(f"mergekit-lite: warning: {w}", file=sys.stderr)
-        stats = execute(compiled, args.out, options)
-        if not args.quiet:
-            from .io.writer import human_size
-
-            print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {args.out} in "
-                  f"{stats.seconds:.1f}s on {stats.device}: {human_size(stats.throughput)}/s, "
-                  f"peak tensor memory {human_size(stats.peak_live_bytes)} (budget {human_size(stats.budget)})")
-        return 0
+        return run_command(args)
     if args.command == "plan":
         from .report import plan_report
 
-        print(plan_report(args.plan, device=args.device, max_memory=args.max_memory, seed=args.seed,
+        print(plan_report(args.plan, device=args.device or "auto", max_memory=args.max_memory, seed=args.seed,
                           as_json=args.json))
         return 0
     if args.command == "methods":

@@ -38,48 +38,49 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="clamp values too large for the output dtype to its largest value instead of failing")
 
 
-def run(command: Callable[[], int], entry: bool) -> int:
+def run(command: Callable[[], int], entry: bool, prog: str = "mergekit-lite") -> int:
     """Run `command` with signals handled and every failure turned into a message and a status.
-    `entry`: this is the process's entry point (keep the signal handlers until it exits)."""
+    `entry`: this is the process's entry point (keep the signal handlers until it exits); `prog`
+    starts every message."""
     try:
         with handling_signals(restore=not entry), warnings.catch_warnings():
             warnings.simplefilter("always", MergeWarning)
-            warnings.showwarning = _show_warning
-            return _guarded(command)
+            warnings.showwarning = lambda message, *args, **kwargs: print(f"{prog}: warning: {message}",
+                                                                         file=sys.stderr)
+            return _guarded(command, prog)
     except Interrupted as exc:  # a signal that arrived while an error was reported, or on the way out
-        return _interrupted(exc)
+        return _interrupted(exc, prog)
 
 
-def _guarded(command: Callable[[], int]) -> int:
+def _guarded(command: Callable[[], int], prog: str) -> int:
     try:
         return command()
     except MergeError as exc:
-        return _fail(f"error: {exc}")
+        return _fail(prog, f"error: {exc}")
     except Interrupted as exc:
-        return _interrupted(exc)
+        return _interrupted(exc, prog)
     except KeyboardInterrupt:
-        return _interrupted(Interrupted(signal.SIGINT))
+        return _interrupted(Interrupted(signal.SIGINT), prog)
     except MemoryError:
-        return _fail("error: out of memory; lower --max-memory or free memory (inputs and the plan were not changed)")
+        return _fail(prog, "error: out of memory; lower --max-memory or free memory (inputs and the plan were not "
+                     "changed)")
     except RecursionError:
-        return _fail("error: the input is nested too deeply to process")
+        return _fail(prog, "error: the input is nested too deeply to process")
     except Exception as exc:  # a bug: say so, without a traceback unless asked
         if os.environ.get("MERGEKIT_LITE_TRACEBACK"):
             raise
-        where = _innermost(exc)
-        return _fail(f"internal error: {type(exc).__name__}: {exc} ({where}). This is a bug in mergekit-lite; "
-                     "rerun with MERGEKIT_LITE_TRACEBACK=1 to see the traceback, and please report it")
+        return _fail(prog, f"internal error: {type(exc).__name__}: {exc} ({_innermost(exc)}). This is a bug in "
+                     "mergekit-lite; rerun with MERGEKIT_LITE_TRACEBACK=1 to see the traceback, and please report it")
 
 
-def _fail(message: str) -> int:
-    print(f"mergekit-lite: {message}", file=sys.stderr)
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
     return 2
 
 
-def _interrupted(exc: Interrupted) -> int:
+def _interrupted(exc: Interrupted, prog: str) -> int:
     name = signal.Signals(exc.signum).name if exc.signum in signal.Signals._value2member_map_ else str(exc.signum)
-    print(f"mergekit-lite: stopped by {name}; its temporary files were removed",
-          file=sys.stderr)
+    print(f"{prog}: stopped by {name}; its temporary files were removed", file=sys.stderr)
     return exc.status
 
 
@@ -90,7 +91,3 @@ def _innermost(exc: BaseException) -> str:
     if tb is None:
         return "unknown place"
     return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"mergekit-lite: warning: {message}", file=sys.stderr)

@@ -39,8 +39,15 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """Plan spelling (``bfloat16``, ``torch.float16``, ``bf16``) -> torch dtype; KeyError if unknown."""
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Plan spelling (``bfloat16``, ``torch.float16``, ``bf16``) or a torch dtype (one of those the
+    plan names allow) -> torch dtype; KeyError if unknown."""
+    if isinstance(name, torch.dtype):
+        if name not in PLAN_DTYPES.values():
+            raise KeyError(name)
+        return name
+    if not isinstance(name, str):
+        raise KeyError(name)
     key = name[len("torch.") :] if name.startswith("torch.") else name
     return PLAN_DTYPES[key]
 

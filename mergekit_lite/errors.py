@@ -6,7 +6,9 @@ with status 2; anything else escaping is a bug in mergekit-lite and keeps its tr
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Iterable
 
 
 class MergeError(Exception):
@@ -88,3 +90,20 @@ class Interrupted(KeyboardInterrupt):
 class MergeWarning(UserWarning):
     """Something the user should know that does not stop the run (the command line prints it as
     ``mergekit-lite: warning: ...``)."""
+
+
+def closest(word: str, known: Iterable[str]) -> str | None:
+    """The known name `word` was probably meant to be: the same name in another case, else the
+    nearest by spelling (difflib), else None. For "did you mean ...?" in messages."""
+    known = list(known)
+    same = [k for k in known if k.lower() == word.lower()]
+    if same:
+        return same[0]
+    near = difflib.get_close_matches(word.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    return next((k for k in known if near and k.lower() == near[0]), None)
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' or ''."""
+    guess = closest(word, known)
+    return f" (did you mean '{guess}'?)" if guess else ""

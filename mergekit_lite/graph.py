@@ -32,7 +32,7 @@ from .arch import detect
 from .dtypes import numel
 from .errors import TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
-from .io.writer import PlannedTensor, ShardLayout
+from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
 from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
@@ -84,10 +84,11 @@ class StepSource:
 class StepCompiler:
     """One step: its expanded layout, and its nodes built on demand per (tensor, group)."""
 
-    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int):
+    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, allow_crimes: bool = False):
         self.sources = sources
         self.seed = seed
-        self.layout: StepLayout = expand(plan, {ref: src.info for ref, src in sources.items()})
+        self.layout: StepLayout = expand(plan, {ref: src.info for ref, src in sources.items()},
+                                         allow_crimes=allow_crimes)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
         self._nodes: dict[tuple[str, str], NodeBase] = {}
@@ -164,13 +165,15 @@ class Compiled:
 
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
-                   max_shard_size: int = 5 * 10**9, clamp: bool = False) -> Compiled:
+                   max_shard_size: int | ShardLimit = 5 * 10**9, allow_crimes: bool = False,
+                   clamp: bool = False) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
     the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
+    `allow_crimes` lets models of different architectures be merged (mergekit's --allow-crimes);
     `clamp` clamps values that overflow the dtype they are rounded to (else they are an error)."""
-    compilers = _compile_steps(recipe, files, seed)
+    compilers = _compile_steps(recipe, files, seed, allow_crimes)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
     outputs = {"": (planned, final)}
@@ -196,7 +199,8 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None) -> dict[str, StepCompiler]:
+def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
+                   allow_crimes: bool) -> dict[str, StepCompiler]:
     file_sources: dict[str, FileSource] = {}
     compilers: dict[str, StepCompiler] = {}
     for step in recipe.steps:
@@ -209,7 +213,7 @@ def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | 
                     file_sources[str(ref)] = FileSource(ref, files[str(ref)])
                 sources[ref] = file_sources[str(ref)]
         step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
-        compilers[step.name or ""] = StepCompiler(step, sources, step_seed)
+        compilers[step.name or ""] = StepCompiler(step, sources, step_seed, allow_crimes)
     return compilers
 
 
@@ -317,7 +321,7 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
 
 
 def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, compilers: Mapping[str, StepCompiler],
-                 files: Mapping[str, ModelFiles], recipe: Recipe, max_shard_size: int) -> OutputSpec:
+                 files: Mapping[str, ModelFiles], recipe: Recipe, max_shard_size: int | ShardLimit) -> OutputSpec:
     return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size), comp.layout.config,
                       tokenizer_folder(comp, compilers, files), card_data(recipe, comp.plan, compilers))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from .io.inputs import open_inputs
 from .io.journal import run_key
 from .io.output import copy_tokenizer, tokenizer_bytes, write_card, write_config
 from .io.reader import ModelFiles
-from .io.writer import OutputFolder, ShardedWriter, parse_size
+from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
 DEFAULT_SHARD_SIZE = "5GB"
+_BARE_B = re.compile(r"^\s*\d+(\.\d+)?\s*[bB]\s*$")  # "1B": bytes to Hugging Face, 10⁹ to mergekit
 
 
 @dataclass
@@ -45,8 +47,13 @@ class Options:
     overwrite: bool = False
     quiet: bool = True
     seed: int | None = None
-    dtype: str | None = None  # override of the written dtype
+    dtype: str | torch.dtype | None = None  # override of the written dtype
     read_threads: int = 2
+    # mergekit's --out-shard-size: parameters per shard ("1B" = 10⁹); wins over max_shard_size
+    out_shard_size: str | int | None = None
+    copy_tokenizer: bool = True  # copy the tokenizer donor's files into the output
+    write_model_card: bool = True  # README.md (the model card) and mergekit_config.yml
+    allow_crimes: bool = False  # merge models of different architectures (their tensors must agree)
     force_overwrite: bool = False  # replace OUT even if mergekit-lite did not write it (never an input)
     resume: bool = False  # continue the interrupted run into OUT (same plan, inputs and engine)
     clamp_overflow: bool = False  # clamp values that overflow the output dtype instead of refusing them
@@ -59,14 +66,17 @@ class Options:
         except ValueError as exc:
             raise MergeError(f"--max-memory: {exc}") from None
 
-    def shard_size(self) -> int:
-        try:
-            size = parse_size(self.max_shard_size)
-        except ValueError as exc:
-            raise MergeError(f"--max-shard-size: {exc}") from None
-        if size <= 0:
-            raise MergeError("--max-shard-size must be positive")
-        return size
+    def shard_size(self) -> int | ShardLimit:
+        """Bytes per shard (``max_shard_size``), or parameters per shard (``out_shard_size``)."""
+        if self.out_shard_size is not None:
+            return ShardLimit(_positive_size("--out-shard-size", parse_count, self.out_shard_size), "parameters")
+        value = self.max_shard_size
+        if isinstance(value, str) and _BARE_B.match(value):
+            n = value.strip()[:-1].strip()
+            raise MergeError(f"--max-shard-size {value}: ambiguous: in bytes (Hugging Face's unit, this option's) "
+                             f"that is {n} byte(s), in mergekit's unit {n} billion parameters; write {n}GB for "
+                             f"bytes, or use --out-shard-size {value.strip()} (parameters, as mergekit)")
+        return _positive_size("--max-shard-size", parse_size, value)
 
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is None:
@@ -74,7 +84,18 @@ class Options:
         try:
             return parse_dtype(self.dtype)
         except KeyError:
-            raise MergeError(f"unknown dtype {self.dtype!r}; allowed: float32, float16, bfloat16") from None
+            raise MergeError(f"unknown dtype {self.dtype!r}; allowed: float32, float16, bfloat16 (as strings or "
+                             "torch dtypes)") from None
+
+
+def _positive_size(flag: str, parse, value: str | int) -> int:
+    try:
+        size = parse(value)
+    except ValueError as exc:
+        raise MergeError(f"{flag}: {exc}") from None
+    if size <= 0:
+        raise MergeError(f"{flag} must be positive")
+    return size
 
 
 def load(plan: str | os.PathLike | Recipe) -> Recipe:
@@ -96,15 +117,18 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
-                          max_shard_size=options.shard_size(), clamp=options.clamp_overflow)
+                          max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes,
+                          clamp=options.clamp_overflow)
 
 
 def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
     """Run a plan (a path to a YAML file, or a parsed :class:`Recipe`) into the folder `out`.
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
-    ``overwrite``, ``force_overwrite``, ``resume``, ``clamp_overflow``, ``quiet``, ``seed``,
-    ``dtype``). Returns the run's :class:`Stats`.
+    ``overwrite``, ``quiet``, ``seed``, ``dtype`` (a string or a torch dtype), ``out_shard_size``,
+    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, and the safety options
+    ``force_overwrite``, ``resume``, ``clamp_overflow`` (README, "Safety")). Returns the run's
+    :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
@@ -146,7 +170,7 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
         for spec, folder in _pairs(compiled, folders):
             writers[spec.key].finish()
             try:
-                finish_folder(folder.tmp, spec)
+                finish_folder(folder.tmp, spec, options)
             except OSError as exc:
                 raise output_error(exc, folder.out) from None
         for folder in folders.values():
@@ -207,10 +231,15 @@ def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
                                needs=tuple(compiled.needs[i] for i in keep))
 
 
-def finish_folder(folder: str, spec: OutputSpec) -> None:
-    """The non-tensor files of an output folder: config, tokenizer, model card."""
+def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None) -> None:
+    """The non-tensor files of an output folder: config, tokenizer (unless ``copy_tokenizer`` is
+    off), model card (unless ``write_model_card`` is off)."""
+    options = options or Options()
     write_config(folder, dict(spec.config))
-    copy_tokenizer(spec.tokenizer_folder, folder)
+    if options.copy_tokenizer:
+        copy_tokenizer(spec.tokenizer_folder, folder)
+    if not options.write_model_card:
+        return
     card = spec.card
     write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
                paper=card.paper)

@@ -1,16 +1,19 @@
-"""Human-readable descriptions: what a plan will do (``mergekit-lite plan``), and the methods."""
+"""Human-readable descriptions: what a plan will do (``mergekit-lite plan``), and the methods
+(``mergekit-lite methods``, which reads the registry only and so answers without importing torch)."""
 
 from __future__ import annotations
 
 import json
 
 from . import methods
-from .graph import describe
-from .io.writer import human_size
-from .merge import Options, compile_plan
+from .errors import MergeError
 
 
 def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False) -> str:
+    from .graph import describe  # imported here: methods_report must not import torch
+    from .io.writer import human_size
+    from .merge import Options, compile_plan
+
     options = Options(device=device, max_memory=max_memory, seed=seed)
     compiled = compile_plan(plan_path, options)
     info = describe(compiled)
@@ -56,8 +59,14 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
 
 
 def methods_report(name: str | None = None) -> str:
+    """Every method with its parameters, or one in detail; an unknown name is a MergeError that
+    lists the known names. Reads only the registry: torch is not imported."""
+    try:
+        shown = [methods.get(name)] if name else [methods.get(n) for n in methods.names()]
+    except KeyError as exc:
+        raise MergeError(exc.args[0]) from None
     lines = []
-    for m in ([methods.get(name)] if name else [methods.get(n) for n in methods.names()]):
+    for m in shown:
         base = {"required": "needs base_model", "optional": "base_model optional", "none": "no base model"}[m.base]
         count = (f"{m.min_models}" if m.max_models == m.min_models else
                  f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")

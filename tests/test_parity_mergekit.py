@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import textwrap
 
@@ -25,11 +24,12 @@ import pytest
 import torch
 
 import mergekit_lite
+from mergekit_lite.dropin import mergekit_command
 from mergekit_lite.examples import LLAMA_CONFIG, llama_shapes, random_model, save_model
 
 from conftest import load_dir
 
-MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or mergekit_command()  # mergekit's, not our entry point
 needs_mergekit = pytest.mark.skipif(not (MERGEKIT and os.path.exists(MERGEKIT)),
                                     reason="mergekit-yaml not found (set MERGEKIT_YAML to run the parity tests)")
 
@@ -347,6 +347,61 @@ DETERMINISTIC = {
         models:
           - model: {a}
         parameters: {{t: [0.001, 0.006]}}
+        """,
+    "arcee_fusion": """
+        merge_method: arcee_fusion
+        base_model: {base}
+        models:
+          - model: {c}
+        """,
+    "arcee_fusion_base_listed": """
+        merge_method: arcee_fusion
+        base_model: {base}
+        models:
+          - model: {base}
+          - model: {a}
+        """,
+    "ram": """
+        merge_method: ram
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+          - model: {c}
+        parameters:
+          epsilon:
+            - filter: mlp
+              value: 0.002
+            - value: [0.0005, 0.003]
+        """,
+    "ram_defaults": """
+        merge_method: ram
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+        """,
+    "ramplus_tl": """
+        merge_method: ramplus_tl
+        base_model: {base}
+        models:
+          - model: {a}
+          - model: {b}
+          - model: {c}
+        parameters:
+          r: [0.1, 0.8]
+          alpha:
+            - filter: self_attn
+              value: 0.5
+            - value: 0.2
+          epsilon: 0.003
+        """,
+    "ramplus_tl_defaults": """
+        merge_method: ramplus_tl
+        base_model: {base}
+        models:
+          - model: {b}
+          - model: {a}
         """,
 }
 

@@ -54,6 +54,20 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
+_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_count(text: str | int) -> int:
+    """mergekit's counts: '1B' -> 10⁹, '500M' -> 5·10⁸, '20k' -> 20 000, 1000 -> 1000."""
+    if isinstance(text, int):
+        return text
+    m = _COUNT.match(str(text))
+    if not m:
+        raise ValueError(f"not a count: {text!r} (examples: 5B, 500M, 20k, 1000000)")
+    return int(float(m.group(1)) * _COUNT_UNITS[m.group(2).lower()])
+
+
 def human_size(n: float) -> str:
     """Bytes for people: GB from 0.1 GB up, else MB (decimal units, as parse_size reads them)."""
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
@@ -78,19 +92,33 @@ class Shard:
     data_size: int = 0
 
 
-class ShardLayout:
-    """Which tensor goes in which shard, in order, each shard at most `max_shard_size` bytes
-    (a tensor larger than that gets a shard of its own), named as Hugging Face names them."""
+@dataclass(frozen=True)
+class ShardLimit:
+    """How much one shard may hold: `amount` bytes (Hugging Face's ``max_shard_size``), or
+    `amount` parameters (mergekit's ``--out-shard-size``: 1B is 10⁹ parameters, 2 GB of bfloat16)."""
 
-    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int):
+    amount: int
+    unit: str = "bytes"  # or "parameters"
+
+    def weigh(self, t: PlannedTensor) -> int:
+        return t.nbytes if self.unit == "bytes" else numel(t.shape)
+
+
+class ShardLayout:
+    """Which tensor goes in which shard, in order, each shard at most `max_shard_size` (bytes, or a
+    :class:`ShardLimit`; a tensor larger than that gets a shard of its own), named as Hugging Face
+    names them."""
+
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit):
+        limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
         groups: list[list[PlannedTensor]] = [[]]
         size = 0
         for t in tensors:
-            if groups[-1] and size + t.nbytes > max_shard_size:
+            if groups[-1] and size + limit.weigh(t) > limit.amount:
                 groups.append([])
                 size = 0
             groups[-1].append(t)
-            size += t.nbytes
+            size += limit.weigh(t)
         n = len(groups)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.shards = [Shard(name, group) for name, group in zip(names, groups)]

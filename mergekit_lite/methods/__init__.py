@@ -16,6 +16,10 @@ Call convention::
 - random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
 
 Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
+
+Method modules take torch from :mod:`mergekit_lite.lazy` (``from ..lazy import torch``), never
+``import torch``, and use it only inside functions: importing the registry must not import torch,
+so that ``mergekit-lite methods`` and ``--help`` answer at once (``tests/test_cli_hygiene.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import inspect
 import keyword
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
+
+from ..errors import did_you_mean
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
@@ -207,11 +213,14 @@ def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...
 
 
 def get(name: str) -> Method:
-    """The method registered as `name`; KeyError listing the known names otherwise."""
+    """The method registered as `name`; KeyError listing the known names otherwise (with the
+    name meant, when `name` differs from one only in case or by a typo). Names are exact, as in
+    mergekit: ``TIES`` is not ``ties``."""
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(REGISTRY))}") from None
+        raise KeyError(f"unknown merge method {name!r}{did_you_mean(name, REGISTRY)}; "
+                       f"known methods: {', '.join(sorted(REGISTRY))}") from None
 
 
 def names() -> list[str]:
@@ -251,3 +260,5 @@ from . import karcher as _karcher  # noqa: E402,F401
 from . import model_stock as _model_stock  # noqa: E402,F401
 from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
+from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
+from . import ram as _ram  # noqa: E402,F401

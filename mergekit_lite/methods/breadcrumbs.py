@@ -7,7 +7,7 @@ Masks", https://arxiv.org/abs/2312.06795
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import register
 from .gta import (DENSITY, GAMMA, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,

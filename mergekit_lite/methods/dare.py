@@ -7,7 +7,7 @@ Free Lunch", https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import register
 from .gta import (DENSITY, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic, gta_workspace,

@@ -7,7 +7,7 @@ Sampling", https://arxiv.org/abs/2406.11617
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import register
 from .gta import (DENSITY, EPSILON, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-import torch
+from ..lazy import torch
 
 from . import Param, density_check, non_negative
 from .sparsify import RESCALE_MODES, Kept
@@ -100,7 +100,7 @@ def disjoint_merge(weighted: Iterable[tuple[torch.Tensor, float]], positive: tor
     return mixed
 
 
-Sparsifier = Callable[[int, torch.Tensor], "Kept | None"]
+Sparsifier = Callable[[int, "torch.Tensor"], "Kept | None"]
 
 
 def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float], *,

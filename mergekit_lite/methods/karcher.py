@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy import torch
 
 from . import Param, positive, register
 from .spherical import dot, scratch_bytes, sq_norm

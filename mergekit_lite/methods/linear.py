@@ -6,7 +6,7 @@ accuracy without increasing inference time", https://arxiv.org/abs/2203.05482
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 

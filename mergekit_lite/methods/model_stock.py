@@ -7,7 +7,7 @@ https://arxiv.org/abs/2403.19522
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 

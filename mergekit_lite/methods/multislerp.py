@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 from .spherical import dot, scratch_bytes, sq_norm

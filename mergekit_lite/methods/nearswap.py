@@ -6,7 +6,7 @@ alchemonaut 2024, "QuartetAnemoi-70B" (NearSwap), https://huggingface.co/alchemo
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, non_negative, register
 

@@ -7,7 +7,7 @@ and its name are mergekit's (https://github.com/arcee-ai/mergekit, docs/merge_me
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 from .spherical import combine, dots, scratch_bytes

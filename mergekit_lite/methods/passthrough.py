@@ -4,7 +4,7 @@ Models with Simple yet Effective Depth Up-Scaling", https://arxiv.org/abs/2312.1
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 

@@ -7,7 +7,7 @@ https://arxiv.org/abs/2408.07990
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 from .gta import INT8_MASK, disjoint_merge, elect_sign, task_vector_into

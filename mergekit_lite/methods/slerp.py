@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy import torch
 
 from . import Param, register
 from .spherical import combine, dots, scratch_bytes

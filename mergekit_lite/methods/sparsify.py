@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ..lazy import torch
 
 # Random draws and per-row ranking work on blocks of about this many entries (fixed: the bits
 # drawn must depend on the tensor's shape only).

@@ -4,7 +4,7 @@ rounding whatever their size and storage dtype, without a float32 copy of either
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 CHUNK = 1 << 18  # float64 scratch stays small (a few MB) whatever the tensor size
 

@@ -8,7 +8,7 @@ subtracts (negates) a task.
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import register
 from .gta import INT8_MASK, LAMBDA, WEIGHT, generalized_task_arithmetic, normalize_param

@@ -6,7 +6,7 @@ https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import register
 from .gta import (DENSITY, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic, gta_workspace,

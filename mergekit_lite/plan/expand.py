@@ -82,12 +82,15 @@ class _Slice:
     path: tuple
 
 
-def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo]) -> StepLayout:
-    """Decide every output tensor of `plan`; `infos` describes each referenced model."""
+def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo], *, allow_crimes: bool = False) -> StepLayout:
+    """Decide every output tensor of `plan`; `infos` describes each referenced model.
+    `allow_crimes` (mergekit's flag) turns models of different architectures from an error into a
+    warning; their tensors must still have the same names and shapes."""
     if plan.depth_upscale is not None:
         plan = upscale_to_slices(plan, infos[plan.depth_upscale.model].arch.num_layers)
     method = plan.method
     ex = _Expander(plan, method, infos)
+    ex.allow_crimes = allow_crimes
     if plan.slices is not None:
         layout = ex.expand_slices()
     else:
@@ -98,6 +101,8 @@ def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo]) -> StepLayout:
 
 
 class _Expander:
+    allow_crimes = False  # models of different architectures: a warning, not an error
+
     def __init__(self, plan: MergePlan, method: methods.Method, infos: Mapping[ModelRef, SourceInfo]):
         self.plan = plan
         self.method = method
@@ -225,8 +230,13 @@ class _Expander:
                 kinds.setdefault(kind, []).append(self.infos[ref].label)
         if len(kinds) > 1:
             detail = "; ".join(f"{k[0] or '?'} {list(k[1])}: {', '.join(v)}" for k, v in kinds.items())
+            if self.allow_crimes:
+                self.warnings.append(f"merging models of different architectures ({detail}) as --allow-crimes "
+                                     "asks; config.json comes from the base (or first) model")
+                return
             self.issue_once(("mixed-arch",), (), f"the models have different architectures ({detail}); "
-                            "merging them would produce a model no library can load")
+                            "merging them would produce a model no library can load (mergekit's --allow-crimes "
+                            "merges them anyway when their tensors agree)")
 
     # -- models: -----------------------------------------------------------------------------
     def expand_models(self) -> StepLayout:

@@ -8,8 +8,8 @@ key, and a step with any issue gives no plan. The caller (:func:`mergekit_lite.p
 raises once for the whole file.
 
 What each mapping may hold is declared once, at the top: :data:`STEP_KEYS`, the :class:`Keys` of the
-nested mappings, and :data:`UNSUPPORTED_KEYS`, the mergekit keys that are recognised but refused,
-with why. ``models:`` entries and ``slices: sources:`` entries are both input entries and are read by
+nested mappings, :data:`UNSUPPORTED_KEYS`, the mergekit keys that are recognised but refused,
+with why, and :data:`OTHER_TOOLS`, the keys that mark a configuration of another mergekit tool. ``models:`` entries and ``slices: sources:`` entries are both input entries and are read by
 one method (:meth:`StepParser.input_entry`). Checks that depend on the merge method (parameter
 values, model counts) are in :mod:`mergekit_lite.plan.checks`.
 """
@@ -58,6 +58,16 @@ UNSUPPORTED_KEYS = {
     # a model reference written as a mapping
     "lora": _LORA,
     "override_architecture": _LORA,
+}
+
+
+# Configurations of mergekit's other tools, recognised by their own top-level key and refused as a
+# whole (not key by key): key -> what the file is, and what to do instead.
+OTHER_TOOLS = {
+    "genome": "this is a mergekit-evolve configuration (genome:): evolutionary search over merge parameters "
+              "is not supported by mergekit-lite; it runs merge plans (merge_method: and models: or slices:). "
+              "Write the plan you want to evaluate, or drive a search from Python (mergekit_lite.Model(...).ties(...) "
+              "and iter_tensors() read no files until asked)",
 }
 
 
@@ -148,6 +158,10 @@ class StepParser:
         if not isinstance(self.data, dict):
             self.report((), "a merge plan is a mapping of keys such as merge_method and models, "
                         f"got {type(self.data).__name__}")
+            return None
+        tool = next((key for key in OTHER_TOOLS if key in self.data), None)
+        if tool is not None:
+            self.report((tool,), OTHER_TOOLS[tool])
             return None
         self.check_keys((), self.data, STEP)
         values = {key: read(self, key) for key, read in self.READERS.items()}

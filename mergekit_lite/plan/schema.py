@@ -24,11 +24,11 @@ from ..errors import Issue, PlanError
 from .checks import value_is_conditional_list
 from .parser import RECIPE, STEP_KEYS, UNSUPPORTED_KEYS, StepParser, check_seed
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, Recipe, SliceSource
-from .source import MAX_PLAN_BYTES, load_documents
+from .source import MAX_PLAN_BYTES, Document, load_documents
 
 __all__ = [
     "DepthUpscale", "InputModel", "MergePlan", "ModelRef", "OutputSlice", "Recipe", "SliceSource",
-    "STEP_KEYS", "UNSUPPORTED_KEYS", "load_plan", "parse_plan", "value_is_conditional_list",
+    "STEP_KEYS", "UNSUPPORTED_KEYS", "load_plan", "parse_plan", "parse_documents", "value_is_conditional_list",
 ]
 
 
@@ -49,7 +49,12 @@ def load_plan(path: str | os.PathLike) -> Recipe:
 
 def parse_plan(text: str, file: str = "<plan>") -> Recipe:
     """Validate plan text (one or several YAML documents) into a :class:`Recipe`."""
-    docs = load_documents(text, file)
+    return parse_documents(load_documents(text, file), file, text)
+
+
+def parse_documents(docs: list[Document], file: str, text: str) -> Recipe:
+    """Validate the YAML documents of a plan (as :func:`~mergekit_lite.plan.source.load_documents`
+    reads them; a caller may have rewritten their data, as ``mergekit-multi`` does) into a Recipe."""
     issues: list[Issue] = []
     warnings: list[str] = []
     steps: list[MergePlan] = []
@@ -102,15 +107,17 @@ def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
             issues.append(s.issue(("name",), f"step '{s.name}' uses itself as a model"))
     if issues:
         raise PlanError(issues)
+    sinks = [s for s in steps if s.name not in used]
     if unnamed:
         output = unnamed[0]
     else:
-        sinks = [s for s in steps if s.name not in used]
-        if len(sinks) != 1:
+        # the step no other uses; among several, the one without save: (the others are outputs too)
+        candidates = sinks if len(sinks) <= 1 else [s for s in sinks if not s.save]
+        if len(candidates) != 1:
             listed = ", ".join(repr(s.name) for s in sinks) or "none (every step is used by another)"
             raise PlanError(Issue(file, None, "", "cannot tell which step is the output: steps no other "
                                   f"step uses: {listed}; leave the output step unnamed"))
-        output = sinks[0]
+        output = candidates[0]
     # depth-first order from the output; a step reached again while on the stack is a cycle
     order: list[MergePlan] = []
     state: dict[int, str] = {}
@@ -128,7 +135,9 @@ def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
         state[key] = "done"
         order.append(step)
 
-    visit(output, [])
+    # steps no other uses but saved (save:) are outputs of their own; they run first, the output last
+    for root in [s for s in sinks if s.save and s is not output] + [output]:
+        visit(root, [])
     unused = [s for s in steps if id(s) not in state]
     if unused:
         raise PlanError([s.issue(("name",), f"step '{s.name}' is not used by the output step") for s in unused])
