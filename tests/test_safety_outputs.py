@@ -21,7 +21,7 @@ import pytest
 import mergekit_lite
 from mergekit_lite import cli
 from mergekit_lite.errors import OutputError, UnsafeOutput
-from mergekit_lite.io.folders import JOURNAL, MARKER, OutputLock
+from mergekit_lite.io.folders import JOURNAL, MARKER, OutputLock, read_marker
 
 from conftest import REPO, load_dir, write_plan
 
@@ -117,9 +117,9 @@ def test_save_pointing_at_inputs_or_the_output_is_refused(work, capsys, save, wh
 
 def test_overwrite_replaces_only_folders_mergekit_lite_wrote(work, capsys):
     assert run("plan.yml", "out") == 0
-    marker = json.load(open(os.path.join("out", MARKER)))
+    marker = read_marker("out")  # the folder's user.mergekit-lite attribute (or mergekit-lite.json)
     assert marker["written_by"] == "mergekit-lite" and "model.safetensors" in marker["files"]
-    assert sorted(marker["files"]) == sorted(set(os.listdir("out")) - {MARKER})
+    assert sorted(marker["files"]) == sorted(set(os.listdir("out")) - {MARKER}) and marker["shards"] == 0
     first = tree("out")
     assert run("plan.yml", "out") == 2  # exists: refused without --overwrite
     assert run("plan.yml", "out", "--overwrite") == 0 and tree("out") == first
@@ -157,7 +157,7 @@ def test_python_api_has_the_same_rules(work):
     with pytest.raises(UnsafeOutput, match="contains the input"):
         expr.save("models", force_overwrite=True)
     expr.save("theirs", force_overwrite=True)
-    assert "x" not in os.listdir("theirs") and MARKER in os.listdir("theirs")
+    assert "x" not in os.listdir("theirs") and read_marker("theirs")["run_key"]
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(work, capsys):

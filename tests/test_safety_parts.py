@@ -106,14 +106,19 @@ def test_traceback_on_request(monkeypatch):
         cli_safety.run(lambda: 1 // 0, entry=False)
 
 
-def test_marker_is_json_naming_every_file(tmp_path):
-    from mergekit_lite.io.folders import MARKER, read_marker, write_marker
+def test_marker_names_every_file_and_stays_out_of_the_listing(tmp_path):
+    from mergekit_lite.io.folders import MARKER, MARKER_XATTR, marked_files, read_marker, write_marker
 
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    (tmp_path / JOURNAL).write_text("{}")
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", JOURNAL):
+        (tmp_path / name).write_bytes(b"x")
     write_marker(str(tmp_path), {"version": "0", "run_key": "k"})
-    data = json.loads((tmp_path / MARKER).read_text())
-    assert data == {"written_by": "mergekit-lite", "version": "0", "run_key": "k", "files": ["model.safetensors"]}
-    assert read_marker(str(tmp_path)) == data
-    (tmp_path / MARKER).write_text('{"written_by": "someone else", "files": []}')
+    data = read_marker(str(tmp_path))
+    assert data == {"written_by": "mergekit-lite", "version": "0", "run_key": "k", "files": ["config.json"],
+                    "shards": 2}
+    assert marked_files(data) == {"config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    if hasattr(os, "getxattr") and MARKER not in os.listdir(tmp_path):  # the attribute, not a file
+        assert json.loads(os.getxattr(str(tmp_path), MARKER_XATTR)) == data
+        os.setxattr(str(tmp_path), MARKER_XATTR, b'{"written_by": "someone else", "files": []}')
+    else:
+        (tmp_path / MARKER).write_text('{"written_by": "someone else", "files": []}')
     assert read_marker(str(tmp_path)) is None

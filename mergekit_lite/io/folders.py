@@ -7,10 +7,14 @@ once and tested on its own:
   reads (every input model's folder and weight files, adapters included), the plan file, or the
   Hugging Face cache (:func:`check_location`). No flag overrides this.
 - **Only our own folders are replaced.** ``--overwrite`` replaces an existing folder only if a run
-  of mergekit-lite wrote it: it holds the marker file :data:`MARKER` (``mergekit-lite.json``,
-  written last, listing every file the run wrote) and nothing else besides those files
-  (:func:`replace_refusal`). An empty folder may be replaced too. Anything else needs
-  ``--force-overwrite``.
+  of mergekit-lite wrote it: it carries the marker (written last, naming every file the run wrote)
+  and holds nothing else besides those files (:func:`replace_refusal`). An empty folder may be
+  replaced too. Anything else needs ``--force-overwrite``. The marker is the extended attribute
+  :data:`MARKER_XATTR` (``user.mergekit-lite``, JSON) of the folder, so that the folder holds
+  exactly the files mergekit writes (tools and tests compare the listings); on a file system
+  without user extended attributes (or off Linux) it is the file :data:`MARKER`
+  (``mergekit-lite.json``) instead. Copies made with ``cp -a`` or ``mv`` keep it; ``cp -r`` does
+  not, and such a copy is not replaced without ``--force-overwrite``.
 - **One run per output.** A run holds an exclusive ``flock`` on ``.OUT.lock`` next to OUT
   (:class:`OutputLock`) from before it looks at the temporaries until it has committed or cleaned
   up, so a second run into the same OUT is refused at once instead of racing the first. The kernel
@@ -37,7 +41,8 @@ from ..errors import OutputError, UnsafeOutput
 from .reader import is_within
 from .resolve import hf_cache_dirs
 
-MARKER = "mergekit-lite.json"  # in every folder a run wrote: who wrote it and which files
+MARKER_XATTR = "user.mergekit-lite"  # on every folder a run wrote: who wrote it and which files
+MARKER = "mergekit-lite.json"  # the same, as a file, where extended attributes are not available
 JOURNAL = ".mergekit-lite-journal"  # in every temporary folder (see .journal)
 WRITTEN_BY = "mergekit-lite"
 
@@ -99,8 +104,8 @@ def replace_refusal(out: str, force: bool) -> str | None:
         return None
     marker = read_marker(out)
     if marker is None:
-        return f"{out} exists and was not written by mergekit-lite (it has no {MARKER})"
-    extra = sorted(entries - set(marker.get("files", [])) - {MARKER})
+        return f"{out} exists and was not written by mergekit-lite (it has no mergekit-lite marker)"
+    extra = sorted(entries - marked_files(marker) - {MARKER})
     if extra:
         shown = ", ".join(extra[:3]) + (" ..." if len(extra) > 3 else "")
         return f"{out} holds files mergekit-lite did not write ({shown}); move them away first"
@@ -108,23 +113,47 @@ def replace_refusal(out: str, force: bool) -> str | None:
 
 
 def read_marker(folder: str) -> dict | None:
-    """The marker of a folder a run wrote, or None (absent, unreadable, or not ours)."""
+    """The marker of a folder a run wrote (see :func:`write_marker`), or None (absent, unreadable,
+    or not ours)."""
     try:
-        with open(os.path.join(folder, MARKER), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError, RecursionError):
+        raw = os.getxattr(folder, MARKER_XATTR)
+    except (OSError, AttributeError):
+        try:
+            with open(os.path.join(folder, MARKER), "rb") as fh:
+                raw = fh.read(1 << 20)
+        except OSError:
+            return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list):
+    if (not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list)
+            or not isinstance(data.get("shards", 0), int)):
         return None
     return data
 
 
+def marked_files(marker: dict) -> set[str]:
+    """The files a marker names: its ``files`` and its ``shards`` numbered shard files."""
+    n = marker.get("shards", 0)
+    return set(marker["files"]) | {f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+
+
 def write_marker(folder: str, info: dict) -> None:
-    """Write the marker last, listing every file already in `folder`."""
-    files = sorted(f for f in os.listdir(folder) if f not in (MARKER, JOURNAL))
-    with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as fh:
-        json.dump({"written_by": WRITTEN_BY, **info, "files": files}, fh, indent=2)
-        fh.write("\n")
+    """Mark `folder` as written by mergekit-lite, naming every file in it (numbered shards by their
+    count, to stay small): as the folder's extended attribute, else as a file."""
+    names = sorted(f for f in os.listdir(folder) if f not in (MARKER, JOURNAL))
+    shards = [n for n in names if _SHARD.match(n)]
+    data = {"written_by": WRITTEN_BY, **info, "files": [n for n in names if n not in shards], "shards": len(shards)}
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    try:
+        os.setxattr(folder, MARKER_XATTR, raw)
+    except (OSError, AttributeError):  # no user extended attributes here, or not Linux
+        with open(os.path.join(folder, MARKER), "wb") as fh:
+            fh.write(raw + b"\n")
+
+
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +187,7 @@ def _ours(path: str) -> bool:
         entries = os.listdir(path)
     except OSError:
         return False
-    return not entries or JOURNAL in entries or MARKER in entries
+    return not entries or JOURNAL in entries or read_marker(path) is not None
 
 
 def _mtime(path: str) -> float:
