@@ -18,10 +18,7 @@ the API (and torch) the first time it is used. The errors are plain Python and a
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
-from typing import Any
 
 
 def _guard_start_up() -> None:
@@ -34,18 +31,24 @@ def _guard_start_up() -> None:
 
     orig = getattr(sys, "orig_argv", [])
     as_module = "-m" in orig[:-1] and orig[orig.index("-m") + 1] == __name__
-    if not (as_module or os.path.basename(sys.argv[0] if sys.argv else "").startswith("mergekit-")):
+    prog = os.path.basename(sys.argv[0] if sys.argv else "")
+    if not (as_module or prog.startswith("mergekit-")):
         return
+    prog = prog if prog.startswith("mergekit-") else "mergekit-lite"
 
     def stop(signum: int, frame: object) -> None:
-        os.write(2, f"mergekit-lite: stopped by {signal.Signals(signum).name} while starting\n".encode())
+        os.write(2, f"{prog}: stopped by {signal.Signals(signum).name} while starting\n".encode())
         os._exit(128 + signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)
 
 
-_guard_start_up()
+_guard_start_up()  # first of all, before any other import
+
+import importlib  # noqa: E402
+import types  # noqa: E402
+from typing import Any  # noqa: E402
 
 __version__ = "0.1.0"
 
