@@ -8,7 +8,11 @@ Python API::
     from mergekit_lite import Model
     base = Model("base")
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
-    merged.save("out/")
+    merged.save("out/", upload="org/name")                 # ... and publish it on the Hub
+
+    moe = mergekit_lite.upcycle(base, [("math-ft", ["2 + 2"]), ("code-ft", ["def f():"])],
+                                gate_mode="cheap_embed")   # a mixture of experts (mergekit-moe)
+    moe.save("out-moe/")
 
 Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
 line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
@@ -60,6 +64,7 @@ from .errors import (  # noqa: E402
     PlanError,
     ShapeMismatch,
     TensorNotFound,
+    UploadFailed,
 )
 
 # exported name -> (module, attribute)
@@ -70,16 +75,19 @@ _LAZY = {
     "merge": (".api", "merge"),
     "LayerRange": (".stacking", "LayerRange"),
     "stack": (".stacking", "stack"),
+    "upcycle": (".moe.api", "upcycle"),
     "Options": (".merge", "Options"),
     "compile_plan": (".merge", "compile_plan"),
     "run": (".merge", "run"),
+    "upload": (".io.hub", "upload"),
+    "Upload": (".io.hub", "Upload"),
     "METHODS": (".methods", "REGISTRY"),
     "load_plan": (".plan.schema", "load_plan"),
     "parse_plan": (".plan.schema", "parse_plan"),
 }
 
 __all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",
-           "BudgetExceeded", "OutputExists"]
+           "BudgetExceeded", "OutputExists", "UploadFailed"]
 
 
 def __getattr__(name: str) -> Any:

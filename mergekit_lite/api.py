@@ -27,10 +27,11 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import open_located
+from .io.reader import ModelFiles
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
-from .merge import Options, compile_plan, execute
+from .merge import Options, Upload, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
 
 if TYPE_CHECKING:
@@ -198,10 +199,9 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True, force_overwrite: bool = False, resume: bool = False,
-             clamp_overflow: bool = False):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats. The
-        keywords are :class:`Options` fields (README, "Safety": the last three, and `overwrite`)."""
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None,
+             force_overwrite: bool = False, resume: bool = False, clamp_overflow: bool = False):
+        """Run the merge into `out`, then upload it to the Hub repo `upload` if given (keywords: Options)."""
         options = Options(**{k: v for k, v in locals().items() if k not in ("self", "out")})
         return execute(self._compile(options), os.fspath(out), options)
 
@@ -248,7 +248,7 @@ class Model(Expr):
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|bench``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|bench|upload``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
 and exits with status 2; nothing is left in the output folder; SIGINT/SIGTERM exit with 130/143
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_safety.add_run_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flags(p)
+    from .hub_cli import add_upload_options, add_upload_parser
+
+    add_upload_options(p, after_run=True)
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
     p.add_argument("plan", help="YAML merge plan")
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("examples", help="(re)generate the example models used by merge_configs/")
     p.add_argument("dir", nargs="?", default=None, help="target folder [merge_configs/models]")
     p.add_argument("--check", action="store_true", help="verify the folder holds exactly what would be generated")
+
+    add_upload_parser(sub)
 
     p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
     from .bench import add_arguments
@@ -78,7 +83,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .dropin import run_command
 
-        return run_command(args)
+        code = run_command(args)
+        if code == 0 and args.upload:
+            from .hub_cli import upload_folder
+
+            return upload_folder(args, args.out, args.upload)
+        return code
+    if args.command == "upload":
+        from .hub_cli import upload_command
+
+        return upload_command(args)
     if args.command == "plan":
         from .report import plan_report
 

@@ -30,15 +30,15 @@ REFUSED_COMMANDS = {
               "by mergekit-lite; write the plan to evaluate and run it with `mergekit-lite run`, or drive a search "
               "from Python (mergekit_lite.Model expressions read nothing until saved or iterated)",
     "tokensurgeon": "mergekit-tokensurgeon (transplanting another model's tokenizer and embeddings) is not "
-                    "supported by mergekit-lite; it merges models that share a vocabulary, with the tokenizer "
-                    "chosen by tokenizer_source:",
+                    "supported by mergekit-lite; models whose vocabularies differ are merged token by token with "
+                    "tokenizer_source: union (or base, or a model) in the plan",
 }
 REFUSED_COMMANDS.update({f"mergekit-{k}": v for k, v in list(REFUSED_COMMANDS.items())})
 
 # Options fields that mergekit-lite's own flags set; they win over the mergekit flag of the same
 # meaning (``run --seed 1 --random-seed 2`` seeds with 1).
-OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "force_overwrite",
-              "resume", "clamp_overflow")
+OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "endpoint",
+              "force_overwrite", "resume", "clamp_overflow")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -220,10 +220,10 @@ def multi_recipe(config_file: str, intermediate_dir: str, out_path: str | None, 
 
 def _sinks(docs: list) -> list[str]:
     """Names of the documents no other document uses as a model, in document order."""
-    from .plan.parser import StepParser
+    from .plan.schema import parser_for
 
     issues: list = []
-    plans = [StepParser(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
+    plans = [parser_for(d.data)(d, copy.deepcopy(d.data), (), issues, []).parse() for d in docs]
     if issues:
         raise PlanError(issues)
     used = {r.path for p in plans for r in p.referenced_models()}

@@ -107,3 +107,7 @@ def did_you_mean(word: str, known: Iterable[str]) -> str:
     """' (did you mean 'x'?)' or ''."""
     guess = closest(word, known)
     return f" (did you mean '{guess}'?)" if guess else ""
+
+
+class UploadFailed(MergeError):
+    """An upload to the Hub failed; the local output folder is intact."""

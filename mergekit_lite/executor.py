@@ -170,6 +170,7 @@ class GroupRun:
         self.futures: dict[Any, Future] = {}
         self.values: dict[Any, Any] = {}
         self.emitted: list[tuple[Any, str, torch.Tensor, int]] = []
+        self.moved: set[Any] = set()  # inputs whose bytes a sink's hold counts now (see _hold)
         # the reservation is returned when every hand-off has completed and the group has run
         self.pending = sum(1 for n in self.nodes if n.holds) + 1
         self._lock = threading.Lock()
@@ -223,7 +224,9 @@ class GroupRun:
                 if not node.prefetched:
                     self._alive(tensor_bytes(value))
             for dep in self.ledger.after(node):
-                self._alive(-tensor_bytes(self.values.pop(dep, None)))
+                freed = tensor_bytes(self.values.pop(dep, None))
+                if dep not in self.moved:  # a sink's hold already counts it
+                    self._alive(-freed)
             while self.emitted:
                 sink, name, value, held = self.emitted.pop(0)
                 yield name, value
@@ -242,9 +245,13 @@ class GroupRun:
         self.res.meter.add(n)
 
     def _hold(self, sink: Any, own: Any = None) -> int:
-        """A sink keeps its inputs (and its own value) alive until its hand-off completes."""
+        """A sink keeps its inputs (and its own value) alive until its hand-off completes. An input
+        whose last consumer is this sink moves into the hold (the group stops counting it when the
+        ledger drops it), so a tensor read and written unchanged is never counted twice."""
         held = sum(tensor_bytes(self.values.get(d)) for d in sink.args) + tensor_bytes(own if sink.outputs else None)
-        self._alive(held)
+        moved = [d for d in sink.args if self.ledger.remaining.get(d) == 1]
+        self.moved.update(moved)
+        self._alive(held - sum(tensor_bytes(self.values.get(d)) for d in moved))
         return held
 
     def _done(self, sink: Any, held: int) -> None:

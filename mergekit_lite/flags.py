@@ -114,7 +114,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--safe-serialization",), "bool", "safetensors only; --no-safe-serialization is refused (pickle files "
          "can run code when loaded)", _refuse("--no-safe-serialization: mergekit-lite writes safetensors only "
                                               "(pickled .bin files can run code when loaded); drop the flag", False)),
-    Flag(("--random-seed",), "int", "--seed N: seeds DARE/DELLA masks per tensor", _option("seed"), "N"),
+    Flag(("--random-seed",), "int", "--seed N: seeds DARE/DELLA masks (and MoE random routers) per tensor",
+         _option("seed"), "N"),
     Flag(("--lazy-unpickle",), "bool", _LAZY, _no_effect),
     Flag(("--lazy-loader",), "bool", _LAZY, _no_effect),
     Flag(("--trust-remote-code",), "bool", "accepted, no effect: mergekit-lite never runs model code", _no_effect),

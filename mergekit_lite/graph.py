@@ -34,10 +34,13 @@ from .errors import TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
 from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
-from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
+from .io.vocab import TokenizerOutput, Vocab
+from .nodes import NODE_KINDS, AlignVocab, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
-from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
+from .steps import (CardData, StepSummary, card_data, config_folder, consistent_config, output_tokenizer,
+                    step_summaries)
+from .vocab import Alignment, align_step, members_of
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
            "stable_seed", "inputs_of", "order_groups", "assemble"]
@@ -66,6 +69,15 @@ class FileSource:
         meta: TensorMeta = self.files.tensors[tensor]
         return Load(meta.file, tensor, group, meta.shape, meta.dtype, self.label, meta.offset)
 
+    def vocab(self) -> Vocab | None:
+        return self.files.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return TokenizerOutput(self.files.folder)
+
+    def folder(self) -> str:
+        return self.files.folder
+
 
 class StepSource:
     """The output of an earlier step, computed in the graph, never written unless asked for."""
@@ -80,32 +92,83 @@ class StepSource:
     def node(self, tensor: str, group: str) -> NodeBase:
         return self.compiler.node(tensor, group)
 
+    def vocab(self) -> Vocab | None:
+        return self.compiler.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return self.compiler.tokenizer
+
+    def folder(self) -> str | None:
+        return config_folder(self.compiler)
+
 
 class StepCompiler:
-    """One step: its expanded layout, and its nodes built on demand per (tensor, group)."""
+    """One step: its vocabulary alignment, its expanded layout, and its nodes built on demand per
+    (tensor, group)."""
 
-    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, allow_crimes: bool = False):
+    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, lookup: Any,
+                 allow_crimes: bool = False):
         self.sources = sources
         self.seed = seed
-        self.layout: StepLayout = expand(plan, {ref: src.info for ref, src in sources.items()},
-                                         allow_crimes=allow_crimes)
+        self.lookup = lookup  # ModelRef -> its source (models the step does not merge included)
+        infos = {ref: src.info for ref, src in sources.items()}
+        self.alignment: Alignment | None = align_step(plan, members_of(plan, sources), lambda ref: lookup(ref).vocab())
+        if self.alignment is not None:
+            infos = {ref: self.alignment.aligned(info, ref) for ref, info in infos.items()}
+        self.layout: StepLayout = expand(plan, infos, allow_crimes=allow_crimes)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
         self._nodes: dict[tuple[str, str], NodeBase] = {}
         self.save_sinks: dict[str, Write] = {}  # tensor -> Write, when the step has `save:`
 
+    @cached_property
+    def tokenizer(self) -> TokenizerOutput:
+        """The tokenizer of this step's output (see :func:`mergekit_lite.steps.output_tokenizer`)."""
+        return output_tokenizer(self)
+
+    def vocab(self) -> Vocab | None:
+        """The vocabulary of this step's output, for a later step that aligns it."""
+        if self.alignment is not None:
+            al = self.alignment
+            donor = self.lookup(al.donor).vocab()
+            added = {t: e for t, e in (donor.added if donor else {}).items() if t in al.tokens}
+            added.update({t: dict(f) for t, _, f in al.tokenizer.added})
+            return Vocab(dict(al.tokens), added)
+        return self.lookup(self.tokenizer_ref).vocab()
+
+    @property
+    def tokenizer_ref(self) -> ModelRef:
+        """The model whose tokenizer this step's output takes when it builds none."""
+        src = self.plan.tokenizer_source
+        if src == "base":
+            return self.plan.base_model or self.layout.donor
+        return src if isinstance(src, ModelRef) else self.layout.donor
+
     def node(self, tensor: str, group: str) -> NodeBase:
         key = (tensor, group)
         if key not in self._nodes:
             ot: OutputTensor = self.by_name[tensor]
-            node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
+            if ot.producer is not None:
+                node = ot.producer(self.sources, self.seed, group)
+            else:
+                node = self._copy(ot, group) if ot.copy else self._merge(ot, group)
             self._nodes[key] = node
             if self.plan.save and tensor not in self.save_sinks:
                 self.save_sinks[tensor] = Write(self.plan.save, tensor, node, ot.dtype, group)
         return self._nodes[key]
 
+    def _input_nodes(self, ot: OutputTensor, group: str) -> list[NodeBase]:
+        """The nodes of the tensor's inputs (base last); vocabulary tensors go through their alignment."""
+        ins = list(ot.inputs) + ([ot.base] if ot.base else [])
+        nodes = [self.sources[i.ref].node(i.tensor, group) for i in ins]
+        al = self.alignment
+        if al is not None and any(al.covers(i.ref, i.tensor) for i in ins):
+            align = AlignVocab(ot.name, group, tuple(nodes), al.row_plan(tuple(i.ref for i in ins)))
+            nodes = [Pick(align, k, group) for k in range(len(nodes))]
+        return nodes
+
     def _copy(self, ot: OutputTensor, group: str) -> NodeBase:
-        node = self.sources[ot.inputs[0].ref].node(ot.inputs[0].tensor, group)
+        node = self._input_nodes(ot, group)[0]
         if node.dtype != ot.dtype:  # a copy written in another dtype: round it like any result
             node = Merge("passthrough", self.plan.name or "", ot.name, group, (node,), None, (),
                          (("scale", (1.0,)),), None, ot.shape, ot.dtype, ot.dtype)
@@ -113,8 +176,8 @@ class StepCompiler:
 
     def _merge(self, ot: OutputTensor, group: str) -> Merge:
         method = methods.get(self.plan.merge_method)
-        ins = tuple(self.sources[i.ref].node(i.tensor, group) for i in ot.inputs)
-        base = self.sources[ot.base.ref].node(ot.base.tensor, group) if ot.base else None
+        nodes = self._input_nodes(ot, group)
+        ins, base = tuple(nodes[:len(ot.inputs)]), (nodes[-1] if ot.base else None)
         seeds = None
         if method.random:
             seeds = tuple(stable_seed(self.seed, self.plan.name or "", ot.name, str(i.ref)) for i in ot.inputs)
@@ -134,8 +197,9 @@ class OutputSpec:
     kind: str  # "model" (a Hugging Face model folder)
     tensors: tuple[PlannedTensor, ...]
     layout: ShardLayout
-    config: Mapping[str, Any]
-    tokenizer_folder: str | None  # folder whose tokenizer files are copied
+    config: Mapping[str, Any]  # consistent with the tensors written (dtype, layers, vocab_size)
+    tokenizer: TokenizerOutput  # the donor's tokenizer files, extended when the vocabulary was aligned
+    config_folder: str | None  # the config donor's folder: generation config, custom code
     card: CardData
 
 
@@ -183,9 +247,10 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
     graph, groups, needs = assemble(_decide_rounding(sinks, clamp))
-    specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
+    specs = tuple(_output_spec(key, tensors, comp, files, recipe, max_shard_size, dtype if key == "" else None)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
+    warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
     inputs = sorted({m.path for m in files.values()} | {f for m in files.values() for f in m.files})
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings),
                     tuple(inputs))
@@ -201,19 +266,21 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
 
 def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
                    allow_crimes: bool) -> dict[str, StepCompiler]:
-    file_sources: dict[str, FileSource] = {}
+    sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
+
+    def lookup(ref: ModelRef) -> Any:
+        """The source a reference names: an earlier step, else a model on disk (one object per model)."""
+        is_step = ref.revision is None and ref.path in compilers
+        key = ("step:" if is_step else "file:") + str(ref)
+        if key not in sources:
+            sources[key] = StepSource(compilers[ref.path]) if is_step else FileSource(ref, files[str(ref)])
+        return sources[key]
+
     for step in recipe.steps:
-        sources: dict[ModelRef, Any] = {}
-        for ref in step.referenced_models():
-            if ref.revision is None and ref.path in compilers:
-                sources[ref] = StepSource(compilers[ref.path])
-            else:
-                if str(ref) not in file_sources:
-                    file_sources[str(ref)] = FileSource(ref, files[str(ref)])
-                sources[ref] = file_sources[str(ref)]
         step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
-        compilers[step.name or ""] = StepCompiler(step, sources, step_seed, allow_crimes)
+        compilers[step.name or ""] = StepCompiler(step, {ref: lookup(ref) for ref in step.referenced_models()},
+                                                  step_seed, lookup, allow_crimes)
     return compilers
 
 
@@ -320,10 +387,11 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
     return groups
 
 
-def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, compilers: Mapping[str, StepCompiler],
-                 files: Mapping[str, ModelFiles], recipe: Recipe, max_shard_size: int | ShardLimit) -> OutputSpec:
-    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size), comp.layout.config,
-                      tokenizer_folder(comp, compilers, files), card_data(recipe, comp.plan, compilers))
+def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, files: Mapping[str, ModelFiles],
+                 recipe: Recipe, max_shard_size: int | ShardLimit, override: torch.dtype | None) -> OutputSpec:
+    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size),
+                      consistent_config(comp.layout.config, tensors), comp.tokenizer, config_folder(comp),
+                      card_data(recipe, comp, files, override))
 
 
 def describe(compiled: Compiled) -> dict[str, Any]:

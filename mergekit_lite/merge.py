@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -25,11 +26,14 @@ from .dtypes import parse_dtype
 from .errors import MergeError, MergeWarning
 from .executor import Executor, Stats, auto_budget, check_budget, pick_device
 from .graph import Compiled, Load, OutputSpec, Write, compile_recipe
+from .io.card import write_card
 from .io.folders import check_free_space, output_error, protected_paths
+from .io.hub import Upload, upload
 from .io.inputs import open_inputs
 from .io.journal import run_key
-from .io.output import copy_tokenizer, tokenizer_bytes, write_card, write_config
+from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
+from .io.vocab import TOKENIZER_FILES, write_tokenizer
 from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
@@ -49,6 +53,8 @@ class Options:
     seed: int | None = None
     dtype: str | torch.dtype | None = None  # override of the written dtype
     read_threads: int = 2
+    endpoint: str | None = None  # the Hub to download from (None: HF_ENDPOINT, else huggingface.co)
+    upload: Upload | str | None = None  # publish the finished output to this Hub repo ("org/name" or an Upload)
     # mergekit's --out-shard-size: parameters per shard ("1B" = 10⁹); wins over max_shard_size
     out_shard_size: str | int | None = None
     copy_tokenizer: bool = True  # copy the tokenizer donor's files into the output
@@ -115,7 +121,7 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
     recipe = load(plan)
     if plan_dir is None and os.path.exists(recipe.file):
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
-    opened = open_inputs(recipe, plan_dir, known=files)
+    opened = open_inputs(recipe, plan_dir, known=files, endpoint=options.endpoint)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes,
                           clamp=options.clamp_overflow)
@@ -126,13 +132,24 @@ def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Optio
 
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
     ``overwrite``, ``quiet``, ``seed``, ``dtype`` (a string or a torch dtype), ``out_shard_size``,
-    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, and the safety options
-    ``force_overwrite``, ``resume``, ``clamp_overflow`` (README, "Safety")). Returns the run's
-    :class:`Stats`.
+    ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, ``endpoint``, ``upload``: a Hub repo
+    to publish the finished folder to, and the safety options ``force_overwrite``, ``resume``,
+    ``clamp_overflow`` (README, "Safety")). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
     return execute(compiled, os.fspath(out), options)
+
+
+def publish(out: str | os.PathLike, target: Upload | str | None, options: Options) -> str | None:
+    """Upload a finished output folder (`target` None: nothing to do); the run's endpoint is the default.
+    A failed upload raises :class:`~mergekit_lite.errors.UploadFailed` and leaves the folder as it is."""
+    if target is None:
+        return None
+    up = Upload.of(target)
+    if up.endpoint is None and options.endpoint is not None:
+        up = Upload(up.repo_id, up.private, up.revision, up.commit_message, options.endpoint, up.token)
+    return upload(os.fspath(out), up)
 
 
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
@@ -141,8 +158,8 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
     Before anything is read: the device and budget are checked, every output folder is checked
     against the inputs, the plan and the Hugging Face cache, and the free space against the bytes
     to write. Each folder is written through an :class:`OutputFolder` (a temporary folder with a
-    resume journal, committed with the marker file last); with ``resume``, tensors an interrupted
-    run already wrote are not computed again."""
+    resume journal, committed with the marker last); with ``resume``, tensors an interrupted run
+    already wrote are not computed again."""
     device = pick_device(options.device)
     budget = options.budget(compiled)
     check_budget(compiled, budget)
@@ -170,11 +187,12 @@ def execute(compiled: Compiled, out: str, options: Options) -> Stats:
         for spec, folder in _pairs(compiled, folders):
             writers[spec.key].finish()
             try:
-                finish_folder(folder.tmp, spec, options)
+                finish_folder(folder.tmp, spec, options, os.path.basename(os.path.normpath(spec.key or out)))
             except OSError as exc:
                 raise output_error(exc, folder.out) from None
         for folder in folders.values():
             folder.commit({"version": __version__, "run_key": key})
+    publish(out, options.upload, options)
     return stats
 
 
@@ -202,7 +220,7 @@ def run_key_of(compiled: Compiled, options: Options, device: torch.device) -> st
     """The key of a run's resume journal: what the written bytes depend on (see io/journal.py)."""
     parts = {
         "plan": compiled.recipe.text if compiled.recipe else "",
-        "options": [options.seed, options.dtype, options.clamp_overflow],
+        "options": [options.seed, str(options.dtype), options.clamp_overflow],
         "layouts": {spec.key: [hashlib.sha256(s.header).hexdigest() for s in spec.layout.shards]
                     for spec in compiled.outputs},
         "engine": [__version__, torch.__version__, torch.get_num_threads(), device.type],
@@ -216,7 +234,9 @@ def bytes_to_write(spec: OutputSpec, done: set[str]) -> int:
     layout = spec.layout
     total = layout.total_size + sum(len(s.header) for s in layout.shards)
     total -= sum(layout.where[n][2].nbytes for n in done if n in layout.where)
-    return total + tokenizer_bytes(spec.tokenizer_folder) + (64 << 10)
+    folder = spec.tokenizer.folder
+    tokenizer = [os.path.join(folder, n) for n in TOKENIZER_FILES] if folder else []
+    return total + sum(os.path.getsize(p) for p in tokenizer if os.path.isfile(p)) + (64 << 10)
 
 
 def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
@@ -231,18 +251,23 @@ def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
                                needs=tuple(compiled.needs[i] for i in keep))
 
 
-def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None) -> None:
-    """The non-tensor files of an output folder: config, tokenizer (unless ``copy_tokenizer`` is
-    off), model card (unless ``write_model_card`` is off)."""
+def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None, name: str = "") -> None:
+    """The non-tensor files of an output folder: config and the custom code its ``auto_map`` names; the
+    tokenizer and generation config (unless ``copy_tokenizer`` is off; a vocabulary built by the merge is
+    always written, the rows need it); the model card (unless ``write_model_card`` is off)."""
     options = options or Options()
     write_config(folder, dict(spec.config))
+    copy_custom_code(spec.config_folder, folder, spec.config.get("auto_map"))
+    if options.copy_tokenizer or spec.tokenizer.added or spec.tokenizer.keep_below is not None:
+        write_tokenizer(spec.tokenizer, folder)
+        tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(tokenizer_config):
+            with open(tokenizer_config, encoding="utf-8") as fh:
+                copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
     if options.copy_tokenizer:
-        copy_tokenizer(spec.tokenizer_folder, folder)
-    if not options.write_model_card:
-        return
-    card = spec.card
-    write_card(folder, plan_text=card.plan_text, method=card.method, models=list(card.models), base=card.base,
-               paper=card.paper)
+        copy_generation_config(spec.config_folder, folder)
+    if options.write_model_card:
+        write_card(folder, spec.card, name or os.path.basename(os.path.normpath(folder)), spec.kind)
 
 
-__all__ = ["Options", "run", "execute", "compile_plan", "parse_plan", "load_plan"]
+__all__ = ["Options", "Upload", "run", "execute", "publish", "compile_plan", "parse_plan", "load_plan"]

@@ -226,6 +226,37 @@ class Pick(NodeBase):
         return args[0][self.index]
 
 
+@node_kind
+@dataclass(frozen=True)
+class AlignVocab(NodeBase):
+    """One vocabulary-indexed tensor (embeddings, lm_head) of each input model, re-indexed to the
+    step's output vocabulary (:mod:`mergekit_lite.vocab`); one output per input, in its dtype.
+    ``rows`` is the compile-time :class:`~mergekit_lite.vocab.RowPlan` (compared by identity)."""
+
+    tensor: str  # output tensor name
+    group: str
+    inputs: tuple[Any, ...]  # each model's tensor
+    rows: Any
+
+    @property
+    def args(self) -> tuple:
+        return self.inputs
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return tuple(Spec(f"{self.tensor}[{i}]", (self.rows.size, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
+                     for i, n in enumerate(self.inputs))
+
+    @property
+    def workspace_bytes(self) -> int:
+        first = self.inputs[0].outputs[0]
+        return self.rows.workspace_bytes(first.shape[1:], [n.outputs[0].dtype for n in self.inputs])
+
+    def run(self, ctx: Any, args: list) -> tuple:
+        with ctx.measuring():
+            return self.rows.apply(args)
+
+
 # ------------------------------------------------------------------------------------------------
 # sinks: they hold their input until the hand-off completes
 

@@ -23,7 +23,8 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     info["estimated_peak_bytes"] = min(budget, sum(compiled.needs))
     steps = [{"name": st.name or "(output)", "method": st.method, "base_model": st.base_model,
               "models": list(st.models), "depends_on": list(st.depends_on), "tensors": st.tensors,
-              "save": st.save, "expanded": st.expanded} for st in compiled.steps]
+              "save": st.save, "expanded": st.expanded, "vocabulary": st.vocabulary,
+              **dict(st.details)} for st in compiled.steps]
     info["steps"] = steps
     info["warnings"] = list(compiled.warnings)
     if as_json:
@@ -39,7 +40,10 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
             lines.append(f"  uses steps: {', '.join(s['depends_on'])} (computed in the same pass, not written)")
         if s["save"]:
             lines.append(f"  also saved to: {s['save']}")
+        if s["vocabulary"]:
+            lines.append(f"  vocabulary: {s['vocabulary']} (embedding and lm_head rows aligned token by token)")
         lines.append(f"  output tensors: {s['tensors']}")
+        lines.extend(moe_lines(s))
         if s["expanded"]:
             lines.append("  expands to:")
             lines.extend("    " + ln for ln in s["expanded"].rstrip().splitlines())
@@ -56,6 +60,20 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     ]
     lines += [f"warning: {w}" for w in compiled.warnings]
     return "\n".join(lines)
+
+
+def moe_lines(step: dict) -> list[str]:
+    """A mixture of experts' output, routing and experts (nothing for other steps)."""
+    if "gate_mode" not in step:
+        return []
+    lines = [f"  mixture of experts: {step['architecture']}, gate_mode {step['gate_mode']}, "
+             f"{step['experts_per_token']} of {len(step['experts'])} experts per token"]
+    for i, e in enumerate(step["experts"]):
+        extra = "".join(f", {k} {e[k]}" for k in ("noise_scale", "residual_scale") if e[k] is not None)
+        lines.append(f"    expert {i}: {e['model']} ({e['positive_prompts']} positive, "
+                     f"{e['negative_prompts']} negative prompts{extra})")
+    lines += [f"    shared expert: {e['model']} ({e['positive_prompts']} positive prompts)" for e in step["shared_experts"]]
+    return lines
 
 
 def methods_report(name: str | None = None) -> str:

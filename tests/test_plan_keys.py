@@ -23,7 +23,7 @@ def test_every_refused_key_is_in_the_table_and_the_table_is_used():
     assert refused | {"lora", "override_architecture"} == set(UNSUPPORTED_KEYS)
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules"])
 def test_step_keys_refused_with_the_table_message_in_every_step_form(key):
     assert problems(MODELS + f"{key}: x\n") == [(5, key, UNSUPPORTED_KEYS[key])]
     steps = "steps:\n  - " + MODELS.replace("\n", "\n    ").rstrip() + f"\n    {key}: x\n"
@@ -65,12 +65,12 @@ def test_models_entries_and_slice_sources_read_a_model_the_same_way(ref, message
 
 
 def test_problems_of_every_level_in_one_plan_keep_their_order_and_place():
-    text = ("merge_method: linear\nchat_template: chatml\nbase_model: org/b+adapter\nmodels:\n  - model: a\n"
+    text = ("merge_method: linear\nchat_template: x\nbase_model: org/b+adapter\nmodels:\n  - model: a\n"
             "    modules: {}\n    parameters: {weight: 1, normalize: true}\n  - model: {model: {path: c}, lora: l}\n"
             "slices:\n  - sources:\n      - model: a\n        tokenizer: x\n        layer_range: [0, 2]\n"
             "    residual_weight: 0.5\ndtype: float8\ntokenizer_source: union\ntokenizer: {source: union}\n")
     assert [(line, path) for line, path, _ in problems(text)] == [
-        (2, "chat_template"), (17, "tokenizer"), (15, "dtype"), (3, "base_model"), (16, "tokenizer_source"),
+        (15, "dtype"), (3, "base_model"), (16, "tokenizer_source"), (2, "chat_template"),
         (6, "models[0].modules"), (7, "models[0].parameters.normalize"), (8, "models[1].model"),
         (14, "slices[0].residual_weight"), (12, "slices[0].sources[0].tokenizer"), (9, "slices"),
     ]

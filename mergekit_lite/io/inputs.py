@@ -11,13 +11,14 @@ from __future__ import annotations
 from ..errors import ModelNotFound
 from ..plan.schema import ModelRef, Recipe
 from .reader import ModelFiles, open_model
-from .resolve import resolve_model
+from .resolve import locate_model
 
 
-def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFiles] | None = None
-                ) -> dict[str, ModelFiles]:
+def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFiles] | None = None,
+                endpoint: str | None = None) -> dict[str, ModelFiles]:
     """Resolve and index every model file the recipe names (headers only); `known` ones are reused.
-    Keys are ``str(ModelRef)``. Names of the recipe's steps are not models."""
+    Keys are ``str(ModelRef)``. Names of the recipe's steps are not models. Hub models are downloaded
+    from `endpoint` (None: ``HF_ENDPOINT`` or huggingface.co) and remember where they came from."""
     step_names = {s.name for s in recipe.steps if s.name}
     files: dict[str, ModelFiles] = dict(known or {})
     problems: list[str] = []
@@ -25,7 +26,7 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFile
         if (ref.path in step_names and ref.revision is None) or str(ref) in files:
             continue
         try:
-            files[str(ref)] = open_model(resolve_model(ref.path, ref.revision, plan_dir))
+            files[str(ref)] = open_located(ref.path, ref.revision, plan_dir, endpoint)
         except ModelNotFound as exc:
             hint = ""
             if step_names and "/" not in ref.path:
@@ -38,11 +39,19 @@ def open_inputs(recipe: Recipe, plan_dir: str | None, known: dict[str, ModelFile
     return files
 
 
+def open_located(path: str, revision: str | None, plan_dir: str | None, endpoint: str | None = None) -> ModelFiles:
+    """Resolve one model reference and index it, remembering where it came from on the Hub."""
+    found = locate_model(path, revision, plan_dir, endpoint)
+    files = open_model(found.path)
+    files.hub = found.hub
+    return files
+
+
 def _models_named(recipe: Recipe) -> list[ModelRef]:
-    """Every model reference of every step (tokenizer sources included), in plan order."""
+    """Every model reference of every step (the tokenizer source included), in plan order."""
     refs: list[ModelRef] = []
     for step in recipe.steps:
         refs.extend(step.referenced_models())
-        if isinstance(step.tokenizer_source, ModelRef):
-            refs.append(step.tokenizer_source)
+        if step.vocabulary is not None:
+            refs.extend(step.vocabulary.models())
     return refs

@@ -20,7 +20,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -178,10 +178,28 @@ class ModelFiles:
     tensors: dict[str, TensorMeta]
     config: dict[str, Any]
     folder: str  # where config.json / tokenizer files live
+    hub: Any = None  # where it came from on the Hub (io.resolve.HubRef); None for a local model
+    _read: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def files(self) -> list[str]:
         return sorted({m.file for m in self.tensors.values()})
+
+    def vocab(self) -> Any:
+        """Its vocabulary (io.vocab.Vocab), read from its tokenizer files when first asked; None without one."""
+        if "vocab" not in self._read:
+            from .vocab import read_vocab
+
+            self._read["vocab"] = read_vocab(self.folder)
+        return self._read["vocab"]
+
+    def card_license(self) -> tuple[tuple[str, str], ...] | None:
+        """The license keys of its model card (README.md front matter), read when first asked."""
+        if "license" not in self._read:
+            from .card import read_license
+
+            self._read["license"] = read_license(self.folder)
+        return self._read["license"]
 
 
 def open_model(path: str) -> ModelFiles:

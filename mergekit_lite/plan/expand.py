@@ -57,6 +57,8 @@ class OutputTensor:
     model_params: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # per-model, aligned with inputs
     copy: bool = False  # not merged (non-float buffers): taken from inputs[0]
     section: str = "post"
+    # neither read nor merged (an MoE router): producer(sources, seed, group) builds its node
+    producer: Any = None
 
     @property
     def numel(self) -> int:
@@ -85,7 +87,10 @@ class _Slice:
 def expand(plan: MergePlan, infos: Mapping[ModelRef, SourceInfo], *, allow_crimes: bool = False) -> StepLayout:
     """Decide every output tensor of `plan`; `infos` describes each referenced model.
     `allow_crimes` (mergekit's flag) turns models of different architectures from an error into a
-    warning; their tensors must still have the same names and shapes."""
+    warning; their tensors must still have the same names and shapes (not an MoE's experts)."""
+    if plan.moe is not None:  # a mixture of experts (mergekit-moe's config)
+        from ..moe.layout import expand_moe
+        return expand_moe(plan, infos)
     if plan.depth_upscale is not None:
         plan = upscale_to_slices(plan, infos[plan.depth_upscale.model].arch.num_layers)
     method = plan.method

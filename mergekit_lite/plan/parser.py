@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 from .. import methods
 from ..dtypes import PLAN_DTYPES
 from ..errors import Issue
+from . import tokenizer as tok
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
 from .source import Document, Path
@@ -36,7 +37,9 @@ STEP_KEYS = {
     "parameters": "parameters for every tensor",
     "dtype": "dtype written when out_dtype is not given",
     "out_dtype": "dtype of the written tensors",
-    "tokenizer_source": "where the tokenizer comes from: base, or a model",
+    "tokenizer_source": "the output vocabulary: base, union, or a model's",
+    "tokenizer": "the output vocabulary with per-token settings: {source, tokens, pad_to_multiple_of}",
+    "chat_template": "the output's chat template: auto, a built-in name, or a Jinja template",
     "embed_source": "model whose embeddings a slices plan copies (default: the first slice's)",
     "head_source": "model whose final norm and lm_head a slices plan copies (default: the last slice's)",
     "name": "the step's name (multi-step plans)",
@@ -52,9 +55,6 @@ _LORA = "LoRA inputs and override_architecture are not supported yet"
 UNSUPPORTED_KEYS = {
     # a step
     "modules": "multi-module (vision-language) plans are not supported yet",
-    "tokenizer": "tokenizer building (union vocabularies, added tokens) is not supported yet; "
-                 "use tokenizer_source: base or a model",
-    "chat_template": "chat templates are not supported yet; the tokenizer donor's template is copied",
     # a model reference written as a mapping
     "lora": _LORA,
     "override_architecture": _LORA,
@@ -91,7 +91,7 @@ class Keys:
 
 
 STEP = Keys(tuple(STEP_KEYS), "unknown key '{key}'; allowed keys: {allowed}",
-            refused=("modules", "tokenizer", "chat_template"))
+            refused=("modules",))
 RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: {allowed}")
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
 MAX_COPIES = 64  # depth_upscale copies: SOLAR uses 2; a huge count would only exhaust memory
@@ -170,6 +170,7 @@ class StepParser:
             return None
         plan = MergePlan(**values, doc=self.doc, prefix=self.prefix)
         check_inputs(plan, self.method, self.issues, self.warnings)
+        tok.check_token_sources(plan, self.issues)
         return plan if len(self.issues) == n_before else None
 
     # one reader per key: returns the MergePlan field of the same name ---------------------------
@@ -218,17 +219,6 @@ class StepParser:
         if self.data.get(key) is None:
             return None
         return self.model_ref((key,), self.data[key])
-
-    def tokenizer_source(self, key: str) -> ModelRef | str | None:
-        tok = self.data.get(key)
-        if tok is None:
-            return None
-        if tok == "union":
-            self.report((key,), "tokenizer_source: union is not supported yet; allowed: base, or a model")
-            return None
-        if tok == "base":
-            return "base"
-        return self.model_ref((key,), tok)
 
     def parameters(self, key: str) -> Mapping[str, Any]:
         return self.settings((key,), self.data.get(key), "global")
@@ -280,7 +270,9 @@ class StepParser:
         "save": save,
         "seed": seed,
         "base_model": base_model,
-        "tokenizer_source": tokenizer_source,
+        "tokenizer_source": tok.tokenizer_source,
+        "tokenizer": tok.tokenizer_section,
+        "chat_template": tok.chat_template,
         "parameters": parameters,
         "models": models,
         "slices": slices,

@@ -11,7 +11,8 @@ and reports all problems at once, each with its file, line and key path: one
 The work is split so that each part stays small: :mod:`~mergekit_lite.plan.recipe` holds the records
 (re-exported here, their usual import place), :mod:`~mergekit_lite.plan.parser` reads one step,
 :mod:`~mergekit_lite.plan.checks` checks a step against its merge method, and this module reads the
-file, splits it into steps and orders them.
+file, splits it into steps and orders them. A document with ``experts:`` is mergekit-moe's config, read
+by :mod:`~mergekit_lite.plan.moe` into a step of the same kind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import replace
 
 from ..errors import Issue, PlanError
 from .checks import value_is_conditional_list
+from .moe import MoEParser, is_moe
 from .parser import RECIPE, STEP_KEYS, UNSUPPORTED_KEYS, StepParser, check_seed
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, Recipe, SliceSource
 from .source import MAX_PLAN_BYTES, Document, load_documents
@@ -68,12 +70,12 @@ def parse_documents(docs: list[Document], file: str, text: str) -> Recipe:
             issues.append(doc.issue(("steps",), "expected a non-empty list of steps"))
         else:
             for i, raw in enumerate(raw_steps):
-                step = StepParser(doc, raw, ("steps", i), issues, warnings).parse()
+                step = parser_for(raw)(doc, raw, ("steps", i), issues, warnings).parse()
                 if step is not None:
                     steps.append(step)
     else:
         for doc in docs:
-            step = StepParser(doc, doc.data, (), issues, warnings).parse()
+            step = parser_for(doc.data)(doc, doc.data, (), issues, warnings).parse()
             if step is not None:
                 steps.append(step)
     if issues:
@@ -82,6 +84,11 @@ def parse_documents(docs: list[Document], file: str, text: str) -> Recipe:
         steps = [s if s.seed is not None else replace(s, seed=seed) for s in steps]
     ordered = _order_steps(steps, file)
     return Recipe(steps=tuple(ordered), file=file, text=text, warnings=tuple(warnings))
+
+
+def parser_for(data: object) -> type[StepParser]:
+    """A merge step, or a mixture of experts (mergekit-moe's config: ``experts:``)."""
+    return MoEParser if is_moe(data) else StepParser
 
 
 def _order_steps(steps: list[MergePlan], file: str) -> list[MergePlan]:
