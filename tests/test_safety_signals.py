@@ -49,9 +49,10 @@ def work(tmp_path, monkeypatch):
 
 @pytest.fixture
 def reference(work):
-    """The uninterrupted result (run in this process)."""
-    mergekit_lite.run("slow.yml", "ref", max_shard_size="300KB")
-    return digest("ref")
+    """The uninterrupted result (run in this process; a folder named like the others, as the model
+    card names it)."""
+    mergekit_lite.run("slow.yml", "ref/out", max_shard_size="300KB")
+    return digest("ref/out")
 
 
 def digest(folder) -> dict[str, str]:
@@ -62,9 +63,17 @@ def digest(folder) -> dict[str, str]:
     return out
 
 
+def same_threads() -> dict:
+    """The environment for a child process that computes with this process's thread count (the
+    resume key includes it: another count may round reductions differently)."""
+    import torch
+
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mergekit_lite", "run", *args, "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=same_threads())
 
 
 def journal_lines(out: str) -> int:
@@ -125,7 +134,7 @@ def test_killed_runs_resumed_are_bit_identical(work, reference):
             assert stats.tensors == 39 - written
         else:
             r = subprocess.run([sys.executable, "-m", "mergekit_lite", "run", "slow.yml", "out", "-q", "--resume",
-                                *SHARDS], capture_output=True, text=True, timeout=300)
+                                *SHARDS], capture_output=True, text=True, timeout=300, env=same_threads())
             assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         assert digest("out") == reference
         assert leftovers(work) == []
@@ -150,8 +159,8 @@ def test_a_changed_plan_or_input_is_not_resumed(work):
                                               "itself changed since it was written; starting over"):
             stats = mergekit_lite.run(plan, "out", resume=True, max_shard_size="300KB")
         assert stats.tensors == 39 and leftovers(work) == []
-        mergekit_lite.run(plan, "fresh", max_shard_size="300KB")
-        assert digest("out") == digest("fresh")
+        mergekit_lite.run(plan, "fresh/out", max_shard_size="300KB")
+        assert digest("out") == digest("fresh/out")
         shutil.rmtree("out")
         shutil.rmtree("fresh")
 
