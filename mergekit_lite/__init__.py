@@ -10,6 +10,9 @@ Python API::
     merged = base + 0.7 * (Model("math-ft") - base)         # lazy task arithmetic
     merged.save("out/", upload="org/name")                 # ... and publish it on the Hub
 
+    tuned = base.with_adapter("lora")                        # a PEFT adapter applied, as a model
+    mergekit_lite.merge_adapters(["lora_a", "lora_b"], base="base", method="concat").save("out/lora")
+    mergekit_lite.extract_lora("base", "math-ft", "out/extracted", rank=16)
     moe = mergekit_lite.upcycle(base, [("math-ft", ["2 + 2"]), ("code-ft", ["def f():"])],
                                 gate_mode="cheap_embed")   # a mixture of experts (mergekit-moe)
     moe.save("out-moe/")
@@ -73,6 +76,8 @@ _LAZY = {
     "Expr": (".api", "Expr"),
     "TaskVector": (".api", "TaskVector"),
     "merge": (".api", "merge"),
+    "merge_adapters": (".api_adapters", "merge_adapters"),
+    "extract_lora": (".extract", "extract_lora"),
     "LayerRange": (".stacking", "LayerRange"),
     "stack": (".stacking", "stack"),
     "upcycle": (".moe.api", "upcycle"),

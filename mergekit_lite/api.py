@@ -27,8 +27,7 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.inputs import open_located
-from .io.reader import ModelFiles
+from .io.inputs import ModelFiles, open_located
 from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
 from .merge import Options, Upload, compile_plan, execute
@@ -229,8 +228,7 @@ class Model(Expr):
     _leaf = True
 
     def __init__(self, path: str | os.PathLike, revision: str | None = None):
-        self.path = os.fspath(path)
-        self.revision = revision
+        self.path, self.revision = os.fspath(path), revision
         self._model_files: ModelFiles | None = None
 
     def __repr__(self) -> str:
@@ -243,13 +241,17 @@ class Model(Expr):
         yield self
 
     def _local(self) -> bool:
-        return self.revision is None and (os.path.exists(os.path.expanduser(self.path))
-                                          or not looks_like_repo_id(self.path))
+        return self.revision is None and (os.path.exists(os.path.expanduser(self.path)) or not looks_like_repo_id(self.path))
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
             self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
+
+    def with_adapter(self, adapter: str | os.PathLike, revision: str | None = None) -> "Model":
+        """This model with a PEFT adapter (LoRA, IA3) applied, ``BASE+ADAPTER`` (see :mod:`.api_adapters`)."""
+        from .api_adapters import AdaptedModel
+        return AdaptedModel(self, os.fspath(adapter), revision)._checked()
 
 
 class TaskVector:
@@ -414,9 +416,7 @@ def _add_terms(terms: tuple[tuple[Expr, float], ...], more: tuple[tuple[Expr, fl
 
 
 def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return isinstance(a, Model) and isinstance(b, Model) and (a.path, a.revision) == (b.path, b.revision)
+    return a is b or (isinstance(a, Model) and isinstance(b, Model) and str(a) == str(b))  # adapter included
 
 
 _ADDED = ("cannot add the models {a!r} and {b!r}: a sum of models is not a model (its weights add up to 2). "

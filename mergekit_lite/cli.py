@@ -1,4 +1,4 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|bench|upload``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench|upload``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
 and exits with status 2; nothing is left in the output folder; SIGINT/SIGTERM exit with 130/143
@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("examples", help="(re)generate the example models used by merge_configs/")
     p.add_argument("dir", nargs="?", default=None, help="target folder [merge_configs/models]")
+    p.add_argument("--adapters", default=None, metavar="DIR", help="folder of the example adapters [DIR/../adapters]")
     p.add_argument("--check", action="store_true", help="verify the folder holds exactly what would be generated")
 
+    p = sub.add_parser("extract-lora", help="extract a PEFT LoRA adapter from a fine-tune and its base")
+    from .cli_extract import add_arguments as extract_arguments
+
+    extract_arguments(p)
     add_upload_parser(sub)
 
     p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
@@ -105,19 +110,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(methods_report(args.name))
         return 0
     if args.command == "examples":
+        from .example_adapters import write_adapters
         from .examples import check_examples, write_examples
 
         target = args.dir or os.path.join("merge_configs", "models")
+        adapters = args.adapters or os.path.join(os.path.dirname(os.path.normpath(target)), "adapters")
         if args.check:
-            problems = check_examples(target)
+            problems = check_examples(target) + check_examples(adapters, write_adapters)
             if problems:
                 print("\n".join(problems), file=sys.stderr)
                 return 1
-            print(f"{target}: up to date")
+            print(f"{target}, {adapters}: up to date")
             return 0
-        for path in write_examples(target):
+        for path in write_examples(target) + write_adapters(adapters):
             print(path)
         return 0
+    if args.command == "extract-lora":
+        from .cli_extract import run_command
+
+        return run_command(args)
     if args.command == "bench":
         from .bench import run_bench
 

@@ -110,8 +110,10 @@ def run_plan(plan: Any, out: str, options: Any) -> int:
         print(f"mergekit-lite: warning: {w}", file=sys.stderr)
     stats = execute(compiled, out, options)
     if not options.quiet:
+        from .adapter_output import print_reports
         from .io.writer import human_size
 
+        print_reports(compiled)  # adapter outputs: each module's rank and error
         print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {out} in "
               f"{stats.seconds:.1f}s on {stats.device}: {human_size(stats.throughput)}/s, "
               f"peak tensor memory {human_size(stats.peak_live_bytes)} (budget {human_size(stats.budget)})")

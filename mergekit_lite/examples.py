@@ -265,11 +265,12 @@ def write_examples(target: str) -> list[str]:
     return out
 
 
-def check_examples(target: str) -> list[str]:
-    """Differences between `target` and a fresh generation (empty when identical, byte for byte)."""
+def check_examples(target: str, write: Any = None) -> list[str]:
+    """Differences between `target` and a fresh generation by `write` (default: the example models;
+    empty when identical, byte for byte)."""
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_examples(tmp)
+        (write or write_examples)(tmp)
         for root, _dirs, files in os.walk(tmp):
             for f in files:
                 rel = os.path.relpath(os.path.join(root, f), tmp)

@@ -28,6 +28,7 @@ import networkx as nx
 import torch
 
 from . import methods
+from .adapted import AdaptedSource
 from .arch import detect
 from .dtypes import numel
 from .errors import TensorNotFound
@@ -194,13 +195,15 @@ class OutputSpec:
     """One output folder: what it holds, how it is sharded, where its other files come from."""
 
     key: str  # "" for the main output, else the folder of a step's ``save:``
-    kind: str  # "model" (a Hugging Face model folder)
+    kind: str  # "model" (a Hugging Face model folder) or "adapter" (a PEFT adapter folder)
     tensors: tuple[PlannedTensor, ...]
     layout: ShardLayout
-    config: Mapping[str, Any]  # consistent with the tensors written (dtype, layers, vocab_size)
+    config: Mapping[str, Any]  # consistent with the tensors written (dtype, layers, vocab_size); for an
+    # adapter, adapter_config.json without the ranks
     tokenizer: TokenizerOutput  # the donor's tokenizer files, extended when the vocabulary was aligned
     config_folder: str | None  # the config donor's folder: generation config, custom code
     card: CardData
+    manifest: Any = None  # adapters: the ranks and errors of the modules, recorded while running
 
 
 @dataclass(frozen=True)
@@ -251,9 +254,17 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
     warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
-    inputs = sorted({m.path for m in files.values()} | {f for m in files.values() for f in m.files})
     return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings),
-                    tuple(inputs))
+                    input_paths(files))
+
+
+def input_paths(files: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every opened input's folder (or single file) and weight files: what outputs keep away from."""
+    out: set[str] = set()
+    for m in files.values():
+        out.add(m.path)
+        out.update(getattr(m, "files", ()) or ())
+    return tuple(sorted(out))
 
 
 def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
@@ -264,13 +275,19 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
+def _compile_steps(recipe: Recipe, files: Mapping[str, Any], seed: int | None,
                    allow_crimes: bool) -> dict[str, StepCompiler]:
     sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
 
     def lookup(ref: ModelRef) -> Any:
-        """The source a reference names: an earlier step, else a model on disk (one object per model)."""
+        """The source a reference names: an earlier step, else a model on disk (one object per model);
+        either with an adapter applied (:class:`~mergekit_lite.adapted.AdaptedSource`)."""
+        if ref.adapter is not None:
+            key = "adapted:" + str(ref)
+            if key not in sources:
+                sources[key] = AdaptedSource(ref, lookup(ref.base), files[str(ref.adapter)], step)
+            return sources[key]
         is_step = ref.revision is None and ref.path in compilers
         key = ("step:" if is_step else "file:") + str(ref)
         if key not in sources:
@@ -278,10 +295,14 @@ def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | 
         return sources[key]
 
     for step in recipe.steps:
-        step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
         compilers[step.name or ""] = StepCompiler(step, {ref: lookup(ref) for ref in step.referenced_models()},
-                                                  step_seed, lookup, allow_crimes)
+                                                  step_seed(step, seed), lookup, allow_crimes)
     return compilers
+
+
+def step_seed(step: MergePlan, seed: int | None) -> int:
+    """The seed of a step's random methods: the run's override, else the plan's, else 0."""
+    return seed if seed is not None else (step.seed if step.seed is not None else 0)
 
 
 def _output_sinks(final: StepCompiler, dtype: torch.dtype | None, sink: str, only: Iterable[str] | None

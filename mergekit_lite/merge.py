@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import torch
 
 from . import __version__
+from .adapter_output import compile_adapter_output, write_adapter_config
 from .dtypes import parse_dtype
 from .errors import MergeError, MergeWarning
 from .executor import Executor, Stats, auto_budget, check_budget, pick_device
@@ -122,6 +123,8 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
     if plan_dir is None and os.path.exists(recipe.file):
         plan_dir = os.path.dirname(os.path.abspath(recipe.file))
     opened = open_inputs(recipe, plan_dir, known=files, endpoint=options.endpoint)
+    if recipe.output.output == "adapter":
+        return compile_adapter_output(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes,
                           clamp=options.clamp_overflow)
@@ -223,6 +226,7 @@ def run_key_of(compiled: Compiled, options: Options, device: torch.device) -> st
         "options": [options.seed, str(options.dtype), options.clamp_overflow],
         "layouts": {spec.key: [hashlib.sha256(s.header).hexdigest() for s in spec.layout.shards]
                     for spec in compiled.outputs},
+        "outputs": [[spec.kind, spec.card.plan_text if spec.card else "", spec.config] for spec in compiled.outputs],
         "engine": [__version__, torch.__version__, torch.get_num_threads(), device.type],
     }
     return run_key(parts, {n.file for n in compiled.graph if isinstance(n, Load)})
@@ -254,8 +258,19 @@ def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
 def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None, name: str = "") -> None:
     """The non-tensor files of an output folder: config and the custom code its ``auto_map`` names; the
     tokenizer and generation config (unless ``copy_tokenizer`` is off; a vocabulary built by the merge is
-    always written, the rows need it); the model card (unless ``write_model_card`` is off)."""
+    always written, the rows need it); the model card (unless ``write_model_card`` is off). An adapter
+    folder gets adapter_config.json and the card."""
     options = options or Options()
+    if spec.kind == "adapter":
+        write_adapter_config(folder, spec)
+    else:
+        _model_files(folder, spec, options)
+    if options.write_model_card:
+        write_card(folder, spec.card, name or os.path.basename(os.path.normpath(folder)), spec.kind)
+
+
+def _model_files(folder: str, spec: OutputSpec, options: Options) -> None:
+    """config.json, custom code, tokenizer and generation config of a model folder."""
     write_config(folder, dict(spec.config))
     copy_custom_code(spec.config_folder, folder, spec.config.get("auto_map"))
     if options.copy_tokenizer or spec.tokenizer.added or spec.tokenizer.keep_below is not None:
@@ -266,8 +281,6 @@ def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None,
                 copy_custom_code(spec.tokenizer.folder, folder, json.load(fh).get("auto_map"))
     if options.copy_tokenizer:
         copy_generation_config(spec.config_folder, folder)
-    if options.write_model_card:
-        write_card(folder, spec.card, name or os.path.basename(os.path.normpath(folder)), spec.kind)
 
 
 __all__ = ["Options", "Upload", "run", "execute", "publish", "compile_plan", "parse_plan", "load_plan"]

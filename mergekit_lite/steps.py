@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from . import chat_templates, methods
+from . import chat_templates
 from .arch import detect, set_dotted
 from .dtypes import dtype_name, numel, parse_dtype
 from .io.reader import ModelFiles
@@ -178,11 +178,12 @@ def card_data(recipe: Recipe, comp: Any, files: Mapping[str, ModelFiles], overri
     if override is not None and (asked is None or parse_dtype(asked) != override):
         note = (f"Weights are written as {dtype_name(override)} (`--dtype {dtype_name(override)}`"
                 + (f"; the plan asks for {asked})." if asked else ")."))
-    return CardData(recipe.text, plan.merge_method, tuple(_card_model(r, files.get(str(r))) for r in refs),
+    parts = [p for r in refs for p in ((r,) if r.adapter is None else (r.base, r.adapter))]  # base+adapter: both
+    return CardData(recipe.text, plan.merge_method, tuple(card_model(r, files.get(str(r))) for r in parts),
                     str(plan.base_model) if plan.base_model else None, plan.paper, plan.summary, note)
 
 
-def _card_model(ref: ModelRef, files: ModelFiles | None) -> CardModel:
+def card_model(ref: ModelRef, files: ModelFiles | None) -> CardModel:
     hub = getattr(files, "hub", None)
     lic = files.card_license() if files is not None else None
     if hub is None:

@@ -61,6 +61,9 @@ def hub():
             files = folder_files(os.path.join(EXAMPLES, name))
             files.update({"pytorch_model.bin": b"not needed", "notes/data.csv": b"a,b\n"})
             server.state.add_repo(f"team/{name}", files)
+        lora = folder_files(os.path.join(REPO, "merge_configs", "adapters", "lora_attn"))
+        lora.update({"optimizer.pt": b"not needed", "README.md": b"# a LoRA"})
+        server.state.add_repo("team/lora-attn", lora)
         server.state.add_repo("team/private", folder_files(os.path.join(EXAMPLES, "ft_code")), private=True)
         server.state.add_repo("team/gated", folder_files(os.path.join(EXAMPLES, "ft_code")), gated=True)
         yield server
@@ -141,6 +144,24 @@ def test_hub_ids_merge_to_the_same_bits_as_the_local_folders(hub, env, tmp_path)
     assert "config.json" in names and "pytorch_model.bin" not in names and "notes" not in names
     gets = [e["path"] for e in hub.state.log if e["method"] == "GET" and "/resolve/" in e["path"]]
     assert not any(p.endswith(("pytorch_model.bin", "data.csv")) for p in gets)
+
+
+def test_a_hub_adapter_folds_like_the_local_one_and_only_its_files_are_fetched(hub, env, tmp_path):
+    """``base+org/adapter@rev`` downloads the adapter's two files from the Hub, and folds to the bits
+    of the same adapter on disk."""
+    plan = "merge_method: passthrough\nmodels:\n  - model: {}\ndtype: float32\n"
+    by_id, by_path = tmp_path / "by_id.yml", tmp_path / "by_path.yml"
+    by_id.write_text(plan.format("team/base+team/lora-attn@main"))
+    by_path.write_text(plan.format(f"{EXAMPLES}/base+{REPO}/merge_configs/adapters/lora_attn"))
+    mergekit_lite.run(str(by_id), str(tmp_path / "a"))
+    mergekit_lite.run(str(by_path), str(tmp_path / "b"))
+    a, b = folder_files(str(tmp_path / "a")), folder_files(str(tmp_path / "b"))
+    weights = [n for n in b if n.endswith((".safetensors", ".index.json"))]
+    assert weights and all(a[n] == b[n] for n in weights)
+    assert card_meta(str(tmp_path / "a"))["base_model"] == ["team/base", "team/lora-attn"]
+    gets = {e["path"].rsplit("/", 1)[-1] for e in hub.state.log
+            if e["method"] == "GET" and "/team/lora-attn/resolve/" in e["path"]}
+    assert gets == {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def test_offline_mode_uses_the_cache_and_makes_no_request(hub, env, tmp_path, monkeypatch):

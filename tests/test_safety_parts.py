@@ -46,8 +46,15 @@ def test_journal_ignores_a_torn_last_line_and_a_reboot_or_key_change(tmp_path, m
     j.close()
     with open(tmp_path / JOURNAL, "ab") as fh:
         fh.write(b'"half-writ')  # killed in the middle of a line
-    assert read_journal(str(tmp_path), "k1") == ({"a", "b\nwith newline"}, "")
+    assert read_journal(str(tmp_path), "k1") == ({"a": None, "b\nwith newline": None}, "")
     assert read_journal(str(tmp_path), "k2")[0] is None
+    j = Journal(str(tmp_path), "k1", fresh=False)
+    j.record("factor", (4, 3))  # a bounded tensor written smaller than planned
+    assert read_journal(str(tmp_path), "k1")[0]["factor"] == (4, 3)
+    j.finishing()  # shards being compacted: not resumable any more
+    j.close()
+    done, why = read_journal(str(tmp_path), "k1")
+    assert done is None and "finished" in why
     monkeypatch.setattr(journal_mod, "boot_id", lambda: "another-boot")
     done, why = read_journal(str(tmp_path), "k1")
     assert done is None and "restarted" in why

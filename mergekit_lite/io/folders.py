@@ -25,12 +25,14 @@ once and tested on its own:
 - **Faults are messages.** :func:`output_error` turns an ``OSError`` while writing into an
   :class:`~mergekit_lite.errors.OutputError` naming the folder, the bytes needed and the bytes
   available; :func:`check_free_space` refuses a run before anything is read when the plan's byte
-  estimate does not fit.
+  estimate does not fit, and :func:`reserve` allocates each shard's space before merging.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -298,6 +300,30 @@ def check_free_space(needs: dict[str, int]) -> None:
             where = folders[0] if len(folders) == 1 else f"{folders[0]} (and {len(folders) - 1} more outputs)"
             raise OutputError(f"not enough free space for {where}: the merge writes {human_size(need)} ({need} bytes) "
                               f"there, and {human_size(free)} ({free} bytes) is available")
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate a shard's blocks before anything is computed (Linux ``fallocate``), so that a disk
+    too small, or filled by another process since the free-space check, fails the run at once and
+    not after hours of merging. Where the file system cannot (or the platform has no fallocate),
+    the file stays sparse, as before; glibc's slow zero-writing emulation is never used."""
+    libc = _libc()
+    if libc is None or size <= 0:
+        return
+    if libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def output_error(exc: OSError, folder: str, need: int | None = None) -> OutputError:

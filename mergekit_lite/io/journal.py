@@ -74,9 +74,25 @@ class Journal:
         self.fd: int | None = os.open(self.path, flags, 0o644)
         if fresh:
             self._append({"journal": _FORMAT, "key": key, "boot": boot_id()})
+        elif not self._ends_a_line():
+            os.write(self.fd, b"\n")  # after a killed run's torn last line: start a line of our own
 
-    def record(self, name: str) -> None:
-        self._append(name)
+    def _ends_a_line(self) -> bool:
+        with open(self.path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if end == 0:
+                return True
+            fh.seek(end - 1)
+            return fh.read(1) == b"\n"
+
+    def record(self, name: str, shape: tuple[int, ...] | None = None) -> None:
+        """`name` is on disk (a bounded tensor: with the `shape` it was written in)."""
+        self._append(name if shape is None else [name, list(shape)])
+
+    def finishing(self) -> None:
+        """The shards are about to be rewritten (compacted) and closed: a kill from here on leaves a
+        folder that is started over, not continued."""
+        self._append({"finishing": True})
 
     def _append(self, item: Any) -> None:
         if self.fd is not None:
@@ -95,9 +111,9 @@ class Journal:
             pass
 
 
-def read_journal(folder: str, key: str) -> tuple[set[str] | None, str]:
-    """(names of the tensors written, "") when `folder`'s journal belongs to the run `key`, else
-    (None, why it cannot be resumed)."""
+def read_journal(folder: str, key: str) -> tuple[dict[str, tuple[int, ...] | None] | None, str]:
+    """({tensor written: its shape if written smaller than planned, else None}, "") when `folder`'s
+    journal belongs to the run `key`, else (None, why it cannot be resumed)."""
     try:
         with open(os.path.join(folder, JOURNAL), "rb") as fh:
             lines = fh.read().split(b"\n")
@@ -113,12 +129,16 @@ def read_journal(folder: str, key: str) -> tuple[set[str] | None, str]:
         return None, "the plan, the options, an input or mergekit-lite itself changed since it was written"
     if head.get("boot") != boot_id():
         return None, "the machine restarted since (its last writes may not have reached the disk)"
-    done: set[str] = set()
+    done: dict[str, tuple[int, ...] | None] = {}
     for line in lines[1:]:
         try:
-            name = json.loads(line)
+            item = json.loads(line)
         except ValueError:
             continue  # the torn last line of a killed run
-        if isinstance(name, str):
-            done.add(name)
+        if isinstance(item, str):
+            done[item] = None
+        elif isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], list):
+            done[item[0]] = tuple(int(d) for d in item[1])
+        elif isinstance(item, dict) and item.get("finishing"):
+            return None, "it was killed while its shards were being finished"
     return done, ""

@@ -79,14 +79,19 @@ class Located:
     hub: HubRef | None = None  # None: a local model
 
 
-def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None) -> str:
+def resolve_model(path: str, revision: str | None = None, plan_dir: str | None = None, adapter: bool = False) -> str:
     """Local path of a model reference (downloading it from the Hub if it is a repo id)."""
-    return locate_model(path, revision, plan_dir).path
+    return locate_model(path, revision, plan_dir, adapter=adapter).path
 
 
 def locate_model(path: str, revision: str | None = None, plan_dir: str | None = None,
-                 endpoint: str | None = None) -> Located:
-    """Where a model reference is: a local path (working directory, then `plan_dir`), else a Hub download."""
+                 endpoint: str | None = None, adapter: bool = False) -> Located:
+    """Where a model reference is: a local path (working directory, then `plan_dir`), else a Hub download.
+    With `adapter`, a PEFT adapter (only its two files are downloaded); without, a local adapter folder
+    is an error saying how to use it (its safetensors file would otherwise read as a model with
+    missing tensors)."""
+    from .adapters import HUB_PATTERNS as ADAPTER_FILES, adapter_as_model_error, is_adapter_folder
+
     expanded = os.path.expanduser(path)
     candidates = [expanded]
     if plan_dir and not os.path.isabs(expanded):
@@ -96,6 +101,8 @@ def locate_model(path: str, revision: str | None = None, plan_dir: str | None = 
             if revision is not None:
                 raise ModelNotFound(f"{path}@{revision}: a revision only applies to Hugging Face repos, "
                                     f"but {cand} is a local path")
+            if not adapter and is_adapter_folder(cand):
+                raise adapter_as_model_error(cand, path)
             return Located(cand)
     if not looks_like_repo_id(path):
         looked = " and ".join(os.path.abspath(c) for c in candidates)
@@ -103,13 +110,15 @@ def locate_model(path: str, revision: str | None = None, plan_dir: str | None = 
                             "not a Hugging Face repo id (org/name)")
     check_revision(path, revision)
     url = endpoint_url(endpoint)
-    folder = download(path, revision, url)
+    folder = download(path, revision, url, ADAPTER_FILES if adapter else None)
     commit = os.path.basename(os.path.normpath(folder))
     return Located(folder, HubRef(path, revision, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None, url))
 
 
-def download(repo_id: str, revision: str | None = None, endpoint: str | None = None) -> str:
-    """snapshot_download of the files a merge needs; errors become ModelNotFound with the cause."""
+def download(repo_id: str, revision: str | None = None, endpoint: str | None = None,
+             patterns: list[str] | None = None) -> str:
+    """snapshot_download of the files a merge needs (`patterns`, default :data:`HUB_PATTERNS`); errors
+    become ModelNotFound with the cause."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -123,7 +132,7 @@ def download(repo_id: str, revision: str | None = None, endpoint: str | None = N
     ref = repo_id if revision is None else f"{repo_id}@{revision}"
     login = "log in with `hf auth login` or set HF_TOKEN"
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns or HUB_PATTERNS,
                                  endpoint=endpoint_url(endpoint), local_files_only=is_offline())
     except RevisionNotFoundError:
         raise ModelNotFound(f"{ref}: the Hub repo has no revision '{revision}'") from None

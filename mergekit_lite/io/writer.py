@@ -15,23 +15,20 @@ the output dtype (:func:`~mergekit_lite.dtypes.check_rounded`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-from ..dtypes import TORCH_TO_ST, element_size, numel
-from ..dtypes import check_rounded
+from ..dtypes import TORCH_TO_ST, check_rounded, element_size, numel
 from ..errors import MergeError, OutputExists, UnsafeOutput
 from ..interrupts import critical
 from .folders import (OutputLock, check_location, output_error, read_marker, remove_tree, replace_refusal,
-                      stale_temporaries, temp_name, write_marker)
+                      reserve, stale_temporaries, temp_name, write_marker)
 from .journal import Journal, read_journal
 
 _CHUNK = 1 << 22  # elements rounded per step when a float32 result is written in a narrower dtype
@@ -78,6 +75,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    bounded: bool = False  # the shape is an upper bound (a rank picked while merging): see ShardedWriter
 
     @property
     def nbytes(self) -> int:
@@ -107,20 +105,25 @@ class ShardLimit:
 class ShardLayout:
     """Which tensor goes in which shard, in order, each shard at most `max_shard_size` (bytes, or a
     :class:`ShardLimit`; a tensor larger than that gets a shard of its own), named as Hugging Face
-    names them."""
+    names them (`basename` ``adapter_model`` for PEFT adapters); `groups` gives the shards' tensors
+    directly."""
 
-    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit):
-        limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
-        groups: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if groups[-1] and size + limit.weigh(t) > limit.amount:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += limit.weigh(t)
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit, basename: str = "model",
+                 groups: list[list[PlannedTensor]] | None = None):
+        self.basename = basename
+        if groups is None:
+            limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
+            groups = [[]]
+            size = 0
+            for t in tensors:
+                if groups[-1] and size + limit.weigh(t) > limit.amount:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(t)
+                size += limit.weigh(t)
         n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ([f"{basename}.safetensors"] if n == 1 else
+                 [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.shards = [Shard(name, group) for name, group in zip(names, groups)]
         # name -> (shard, absolute offset in the shard file, planned tensor)
         self.where: dict[str, tuple[Shard, int, PlannedTensor]] = {}
@@ -152,13 +155,18 @@ class ShardLayout:
 class ShardedWriter:
     """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets.
 
+    A tensor planned with a ``bounded`` shape (the rank of a factor chosen by an error target while
+    merging) may arrive smaller; its bytes go to the start of the space planned for it, and
+    :meth:`finish` rewrites the shards that hold such tensors without the unused space.
+
     Every value is checked as written (:func:`~mergekit_lite.dtypes.check_rounded`: no inf/NaN,
-    none made by rounding, unless `clamp`). With a `journal`, each tensor's name is recorded once
-    its bytes are written; `done` are tensors an interrupted run already wrote into the shards
-    found in `folder` (which must then match the layout). `label` names the output in messages."""
+    none made by rounding, unless `clamp`). With a `journal`, each tensor's name (and a bounded
+    tensor's actual shape) is recorded once its bytes are written; `done` are tensors an interrupted
+    run already wrote into the shards found in `folder` (which must then match the layout), with
+    their actual shapes where smaller. `label` names the output in messages."""
 
     def __init__(self, folder: str, layout: ShardLayout, *, clamp: bool = False, journal: Journal | None = None,
-                 done: set[str] | frozenset[str] = frozenset(), label: str | None = None):
+                 done: Mapping[str, tuple[int, ...] | None] | None = None, label: str | None = None):
         self.folder = folder
         self.layout = layout
         self.clamp = clamp
@@ -166,7 +174,9 @@ class ShardedWriter:
         self.label = label or folder
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
-        self._done = set(done) & set(layout.where)
+        self._done = {n: shape for n, shape in (done or {}).items() if n in layout.where}
+        # bounded tensors written smaller than planned
+        self._actual: dict[str, tuple[int, ...]] = {n: shape for n, shape in self._done.items() if shape}
         self._lock = threading.Lock()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
         with self._os_errors():
@@ -183,7 +193,7 @@ class ShardedWriter:
                 raise MergeError(f"cannot resume {self.label}: {shard.file} does not match the plan; "
                                  "run again without --resume")
             return fd
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             reserve(fd, size)
             _pwrite_all(fd, shard.header, 0)
@@ -205,7 +215,10 @@ class ShardedWriter:
         """Write `tensor` at its planned place. A tensor in another dtype than planned (a float32
         result) is rounded chunk by chunk through a small reused buffer, never copied whole."""
         shard, offset, planned = self.layout.where[name]
-        if tuple(tensor.shape) != planned.shape or (tensor.dtype != planned.dtype and not (
+        shape = tuple(tensor.shape)
+        smaller = planned.bounded and len(shape) == len(planned.shape) and all(
+            a <= b for a, b in zip(shape, planned.shape))
+        if (shape != planned.shape and not smaller) or (tensor.dtype != planned.dtype and not (
                 tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
                                f"got {tuple(tensor.shape)} {tensor.dtype}")
@@ -213,6 +226,8 @@ class ShardedWriter:
             if name in self._written:
                 raise RuntimeError(f"tensor {name} written twice")
             self._written.add(name)
+            if shape != planned.shape:
+                self._actual[name] = shape
         tensor = tensor.detach()
         if tensor.device.type != "cpu":  # round where it is, checked like any rounding, then copy
             rounded = tensor.to(planned.dtype)
@@ -222,7 +237,7 @@ class ShardedWriter:
         with self._os_errors():
             self._write_bytes(name, self._fds[shard.file], offset, planned.dtype, tensor)
             if self.journal is not None:
-                self.journal.record(name)
+                self.journal.record(name, shape if shape != planned.shape else None)
 
     def _write_bytes(self, name: str, fd: int, offset: int, dtype: torch.dtype, tensor: torch.Tensor) -> None:
         if tensor.dtype == dtype:
@@ -247,16 +262,41 @@ class ShardedWriter:
                    if t.name not in self._written and t.name not in self._done]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
-        index = self.layout.index()
         with self._os_errors():
+            if self.journal is not None:
+                self.journal.finishing()  # from here on the shards change: not resumable
+            if self._actual:
+                self._compact()
             for fd in self._fds.values():
                 os.fsync(fd)
             self.close()
+            index = self.layout.index()
             if len(self.layout.shards) > 1:
                 with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
                     json.dump(index, fh, indent=2)
                     fh.write("\n")
         return index
+
+    def _compact(self) -> None:
+        """Rewrite the shards holding tensors written smaller than planned: the layout of the actual
+        shapes, each tensor's bytes copied from the start of the space planned for it."""
+        old = self.layout
+        groups = [[PlannedTensor(t.name, self._actual.get(t.name, t.shape), t.dtype) for t in s.tensors]
+                  for s in old.shards]
+        self.layout = ShardLayout([], 0, old.basename, groups=groups)
+        for shard in self.layout.shards:
+            if not any(t.name in self._actual for t in shard.tensors):
+                continue
+            tmp = os.path.join(self.folder, shard.file + ".compact")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(fd, shard.header, 0)
+            src = self._fds[shard.file]
+            for t in shard.tensors:
+                data = os.pread(src, t.nbytes, old.where[t.name][1])
+                _pwrite_all(fd, data, self.layout.where[t.name][1])
+            os.close(src)
+            os.replace(tmp, os.path.join(self.folder, shard.file))
+            self._fds[shard.file] = fd
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -265,30 +305,6 @@ class ShardedWriter:
             except OSError:
                 pass
         self._fds = {}
-
-
-def reserve(fd: int, size: int) -> None:
-    """Allocate a shard's blocks before anything is computed (Linux ``fallocate``), so that a disk
-    too small, or filled by another process since the free-space check, fails the run at once and
-    not after hours of merging. Where the file system cannot (or the platform has no fallocate),
-    the file stays sparse, as before; glibc's slow zero-writing emulation is never used."""
-    libc = _libc()
-    if libc is None or size <= 0:
-        return
-    if libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -331,7 +347,7 @@ class OutputFolder:
         self.tmp = temp_name(self.out)
         self.lock = OutputLock(self.out)
         self.journal: Journal | None = None
-        self.done: set[str] = set()
+        self.done: dict[str, tuple[int, ...] | None] = {}  # tensors already written -> actual shape if smaller
         self.notes: list[str] = []
         self.committed = False
 

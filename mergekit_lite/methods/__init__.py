@@ -262,3 +262,4 @@ from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
 from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
 from . import ram as _ram  # noqa: E402,F401
+from . import concat as _concat  # noqa: E402,F401

@@ -16,7 +16,6 @@ values, model counts) are in :mod:`mergekit_lite.plan.checks`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -26,6 +25,8 @@ from ..errors import Issue
 from . import tokenizer as tok
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
+from . import output_keys
+from .refs import OVERRIDE, read_ref
 from .source import Document, Path
 
 STEP_KEYS = {
@@ -45,19 +46,20 @@ STEP_KEYS = {
     "name": "the step's name (multi-step plans)",
     "save": "also write this step's result to this folder (multi-step plans)",
     "seed": "seed of the random methods (DARE, DELLA)",
+    "output": "what the step writes: model (default), or adapter (the models are PEFT adapters of base_model)",
+    "rank": "adapter outputs: rank of the re-factorised modules (default: the largest input rank)",
+    "rank_error": "adapter outputs: per-module relative error target that picks each module's rank",
+    "log_space": "IA3 adapter outputs: merge the logarithms of the scaling vectors",
 }
-
-_LORA = "LoRA inputs and override_architecture are not supported yet"
 
 # mergekit keys that mergekit-lite recognises but does not support: key -> why it is refused. Each
 # mapping that may hold one names it in its Keys' `refused` below; a model reference written as a
-# mapping refuses lora and override_architecture (StepParser.model_ref_mapping).
+# mapping refuses override_architecture (:mod:`mergekit_lite.plan.refs`).
 UNSUPPORTED_KEYS = {
     # a step
     "modules": "multi-module (vision-language) plans are not supported yet",
     # a model reference written as a mapping
-    "lora": _LORA,
-    "override_architecture": _LORA,
+    "override_architecture": OVERRIDE,
 }
 
 
@@ -96,9 +98,6 @@ RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: 
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
 MAX_COPIES = 64  # depth_upscale copies: SOLAR uses 2; a huge count would only exhaust memory
 UPSCALE = Keys(("model", "copies", "drop"), "unknown key '{key}'; allowed: {allowed}")
-# mergekit's ModelReference: {model: {path, revision}, lora: ..., override_architecture: ...}; the
-# last two are refused (StepParser.model_ref_mapping)
-MODEL_REF_KEYS = {"model", "lora", "override_architecture"}
 
 
 @dataclass(frozen=True)
@@ -166,6 +165,8 @@ class StepParser:
         self.check_keys((), self.data, STEP)
         values = {key: read(self, key) for key, read in self.READERS.items()}
         self.check_one_form()
+        if values["output"] == "adapter":
+            output_keys.check_adapter_inputs(self, values)
         if len(self.issues) > n_before or self.method is None:
             return None
         plan = MergePlan(**values, doc=self.doc, prefix=self.prefix)
@@ -269,6 +270,10 @@ class StepParser:
         "name": name,
         "save": save,
         "seed": seed,
+        "output": output_keys.output,
+        "rank": output_keys.rank,
+        "rank_error": output_keys.rank_error,
+        "log_space": output_keys.log_space,
         "base_model": base_model,
         "tokenizer_source": tok.tokenizer_source,
         "tokenizer": tok.tokenizer_section,
@@ -390,40 +395,5 @@ class StepParser:
         return raw
 
     def model_ref(self, path: Path, value: Any) -> ModelRef | None:
-        """A model reference: ``path``, ``org/name@revision`` or ``{path, revision}``."""
-        if isinstance(value, dict):
-            return self.model_ref_mapping(path, value)
-        if not isinstance(value, str) or not value.strip():
-            self.report(path, f"expected a model path or Hugging Face repo id, got {value!r}")
-            return None
-        value = value.strip()
-        if "+" in value and not os.path.exists(value):
-            self.report(path, f"'{value}' names a LoRA adapter (model+lora); LoRA inputs are not supported yet")
-            return None
-        if "@" in value and not os.path.exists(value):
-            repo, _, rev = value.rpartition("@")
-            if not repo or not rev:
-                self.report(path, f"'{value}': expected org/name@revision")
-                return None
-            return ModelRef(repo, rev)
-        return ModelRef(value)
-
-    def model_ref_mapping(self, path: Path, value: dict) -> ModelRef | None:
-        """``{path, revision}``, or mergekit's ``{model: {path, revision}, lora, override_architecture}``."""
-        inner = value.get("model", value) if set(value) <= MODEL_REF_KEYS else value
-        refused = None
-        if isinstance(value.get("lora"), str):
-            refused = "lora"
-        elif value.get("override_architecture"):
-            refused = "override_architecture"
-        if refused is not None:
-            self.report(path, UNSUPPORTED_KEYS[refused])
-            return None
-        if isinstance(inner, dict) and isinstance(inner.get("path"), str) and set(inner) <= {"path", "revision"}:
-            rev = inner.get("revision")
-            if rev is not None and not isinstance(rev, str):
-                self.report(path + ("revision",), f"a revision is a string, got {rev!r}")
-                return None
-            return ModelRef(inner["path"], rev)
-        self.report(path, "expected a model path or repo id (a string), or {path: ..., revision: ...}")
-        return None
+        """A model reference in any form :mod:`mergekit_lite.plan.refs` reads (adapters included)."""
+        return read_ref(self.report, path, value)

@@ -24,13 +24,22 @@ MOE_PAPER = "https://arxiv.org/abs/2212.05055"
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as the plan names it: a local folder or file, or a Hub repo id with a revision."""
+    """A model as the plan names it: a local folder or file, or a Hub repo id with a revision;
+    optionally with a PEFT adapter applied to it (``base+adapter``: the model that PEFT's
+    ``merge_and_unload`` would give, formed tensor by tensor while merging)."""
 
     path: str
     revision: str | None = None
+    adapter: "ModelRef | None" = None
 
     def __str__(self) -> str:
-        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+        base = self.path if self.revision is None else f"{self.path}@{self.revision}"
+        return base if self.adapter is None else f"{base}+{self.adapter}"
+
+    @property
+    def base(self) -> "ModelRef":
+        """The model without its adapter."""
+        return self if self.adapter is None else ModelRef(self.path, self.revision)
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,10 @@ class MergePlan:
     head_source: ModelRef | None = None
     moe: MoESpec | None = None  # a mixture of experts built from dense models (mergekit-moe's config)
     expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
+    output: str = "model"  # "model", or "adapter": the models are adapters of base_model, merged into one
+    rank: int | None = None  # adapter outputs: rank of the re-factorised modules (default: the inputs')
+    rank_error: float | None = None  # adapter outputs: per-module relative error target that picks the rank
+    log_space: bool = False  # IA3 adapter outputs: merge log(l) instead of l
     doc: Document | None = field(default=None, compare=False, repr=False)
     prefix: Path = ()  # key path of this step inside its document (``steps[i]``)
 

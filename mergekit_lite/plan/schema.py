@@ -78,6 +78,9 @@ def parse_documents(docs: list[Document], file: str, text: str) -> Recipe:
             step = parser_for(doc.data)(doc, doc.data, (), issues, warnings).parse()
             if step is not None:
                 steps.append(step)
+    if len(steps) > 1:
+        issues.extend(s.issue(("output",), "output: adapter is for single-step plans; merge the adapters in a "
+                              "plan of their own") for s in steps if s.output == "adapter")
     if issues:
         raise PlanError(issues)
     if seed is not None:
