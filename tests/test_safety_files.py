@@ -184,3 +184,25 @@ def test_config_must_be_an_object(tmp_path, text, message):
 def test_malformed_file_is_a_model_not_found(tmp_path):
     """Code that catches ModelNotFound (the API, the input report) also catches malformed files."""
     assert issubclass(MalformedFile, ModelNotFound)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json"])
+def test_companion_files_linked_out_of_the_folder_are_not_copied(models, tmp_path, name):
+    """A tokenizer or generation config that is a link to a file elsewhere (a secret, say) is never
+    copied into the output: the run stops with the file named."""
+    import shutil as sh
+
+    import mergekit_lite
+
+    donor = tmp_path / "donor"
+    sh.copytree(models["paths"]["a"], donor)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (donor / name).unlink(missing_ok=True)
+    os.symlink(secret, donor / name)
+    plan = tmp_path / "plan.yml"
+    plan.write_text(f"merge_method: linear\nparameters: {{weight: 1.0}}\nmodels:\n  - model: {donor}\n"
+                    f"  - model: {models['paths']['b']}\n")
+    with pytest.raises(MalformedFile, match=f"{name}: leads to .*secret.txt, outside the model folder"):
+        mergekit_lite.run(str(plan), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
