@@ -27,10 +27,10 @@ import torch
 
 from . import methods
 from .errors import MergeError
-from .io.reader import ModelFiles, open_model
-from .io.resolve import looks_like_repo_id, resolve_model
+from .io.inputs import ModelFiles, open_located
+from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
-from .merge import Options, compile_plan, execute
+from .merge import Options, Upload, compile_plan, execute
 from .plan.schema import Recipe, parse_plan
 
 if TYPE_CHECKING:
@@ -198,19 +198,19 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True):
-        """Run the merge into the folder `out` (a Hugging Face model folder); returns its Stats."""
-        options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype)
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None,
+             force_overwrite: bool = False, resume: bool = False, clamp_overflow: bool = False):
+        """Run the merge into `out`, then upload it to the Hub repo `upload` if given (keywords: Options)."""
+        options = Options(**{k: v for k, v in locals().items() if k not in ("self", "out")})
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
-                     max_memory: str | int | None = None,
-                     seed: int | None = None, only: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     max_memory: str | int | None = None, seed: int | None = None, only: Iterable[str] | None = None,
+                     clamp_overflow: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(name, tensor)`` pairs of the merged model (CPU tensors) without writing files."""
         from .executor import Executor
 
-        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype)
+        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype, clamp_overflow=clamp_overflow)
         compiled = self._compile(options, sink="emit", only=only)
         yield from Executor(compiled, device=options.device, budget=options.budget(compiled)).run()
 
@@ -228,8 +228,7 @@ class Model(Expr):
     _leaf = True
 
     def __init__(self, path: str | os.PathLike, revision: str | None = None):
-        self.path = os.fspath(path)
-        self.revision = revision
+        self.path, self.revision = os.fspath(path), revision
         self._model_files: ModelFiles | None = None
 
     def __repr__(self) -> str:
@@ -242,13 +241,17 @@ class Model(Expr):
         yield self
 
     def _local(self) -> bool:
-        return self.revision is None and (os.path.exists(os.path.expanduser(self.path))
-                                          or not looks_like_repo_id(self.path))
+        return self.revision is None and (os.path.exists(os.path.expanduser(self.path)) or not looks_like_repo_id(self.path))
 
     def _open(self) -> ModelFiles:
         if self._model_files is None:
-            self._model_files = open_model(resolve_model(self.path, self.revision, os.getcwd()))
+            self._model_files = open_located(self.path, self.revision, os.getcwd())
         return self._model_files
+
+    def with_adapter(self, adapter: str | os.PathLike, revision: str | None = None) -> "Model":
+        """This model with a PEFT adapter (LoRA, IA3) applied, ``BASE+ADAPTER`` (see :mod:`.api_adapters`)."""
+        from .api_adapters import AdaptedModel
+        return AdaptedModel(self, os.fspath(adapter), revision)._checked()
 
 
 class TaskVector:
@@ -413,9 +416,7 @@ def _add_terms(terms: tuple[tuple[Expr, float], ...], more: tuple[tuple[Expr, fl
 
 
 def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    return isinstance(a, Model) and isinstance(b, Model) and (a.path, a.revision) == (b.path, b.revision)
+    return a is b or (isinstance(a, Model) and isinstance(b, Model) and str(a) == str(b))  # adapter included
 
 
 _ADDED = ("cannot add the models {a!r} and {b!r}: a sum of models is not a model (its weights add up to 2). "

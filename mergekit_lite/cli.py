@@ -1,7 +1,8 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|bench|eval|search|demo-train``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench|upload|eval|search|demo-train``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
-and exits with status 2; nothing is left in the output folder. ``run`` also takes mergekit's flags
+and exits with status 2; nothing is left in the output folder; SIGINT/SIGTERM exit with 130/143
+after removing temporaries (:mod:`.cli_safety`). ``run`` also takes mergekit's flags
 (:mod:`.flags`; its handler is :func:`.dropin.run_command`, shared with ``mergekit-yaml``). Building
 the parser imports nothing heavy, so ``--help`` and ``methods`` answer at once.
 """
@@ -13,9 +14,8 @@ import json
 import os
 import sys
 
-from . import __version__
+from . import __version__, cli_safety
 from .dropin import refused_command
-from .errors import MergeError
 from .flags import Parser, add_flags
 
 
@@ -40,9 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard in bytes, Hugging Face's units: 5GB, 2GiB (mergekit's 1B, a count of "
                         "parameters, is --out-shard-size 1B) [5GB]")
     p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and mergekit-lite wrote it")
+    cli_safety.add_run_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flags(p)
+    from .hub_cli import add_upload_options, add_upload_parser
+
+    add_upload_options(p, after_run=True)
 
     p = sub.add_parser("plan", help="show what a plan will do, without reading any tensor")
     p.add_argument("plan", help="YAML merge plan")
@@ -54,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("examples", help="(re)generate the example models used by merge_configs/")
     p.add_argument("dir", nargs="?", default=None, help="target folder [merge_configs/models]")
+    p.add_argument("--adapters", default=None, metavar="DIR", help="folder of the example adapters [DIR/../adapters]")
     p.add_argument("--check", action="store_true", help="verify the folder holds exactly what would be generated")
+
+    p = sub.add_parser("extract-lora", help="extract a PEFT LoRA adapter from a fine-tune and its base")
+    from .cli_extract import add_arguments as extract_arguments
+
+    extract_arguments(p)
+    add_upload_parser(sub)
 
     p = sub.add_parser("bench", help="measure throughput and peak memory (and mergekit's, when installed)")
     from .bench import add_arguments
@@ -67,19 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv`` None: the process's own arguments, and this is its entry point).
+    Every failure is a message and an exit status (2; 130/143 for SIGINT/SIGTERM), see cli_safety."""
     refusal = refused_command(sys.argv[1:] if argv is None else argv)
     if refusal:
         print(f"mergekit-lite: error: {refusal}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except MergeError as exc:
-        print(f"mergekit-lite: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mergekit-lite: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return cli_safety.run(lambda: _dispatch(build_parser().parse_args(argv)), entry=argv is None)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -91,7 +96,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .dropin import run_command
 
-        return run_command(args)
+        code = run_command(args)
+        if code == 0 and args.upload:
+            from .hub_cli import upload_folder
+
+            return upload_folder(args, args.out, args.upload)
+        return code
+    if args.command == "upload":
+        from .hub_cli import upload_command
+
+        return upload_command(args)
     if args.command == "plan":
         from .report import plan_report
 
@@ -104,19 +118,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(methods_report(args.name))
         return 0
     if args.command == "examples":
+        from .example_adapters import write_adapters
         from .examples import check_examples, write_examples
 
         target = args.dir or os.path.join("merge_configs", "models")
+        adapters = args.adapters or os.path.join(os.path.dirname(os.path.normpath(target)), "adapters")
         if args.check:
-            problems = check_examples(target)
+            problems = check_examples(target) + check_examples(adapters, write_adapters)
             if problems:
                 print("\n".join(problems), file=sys.stderr)
                 return 1
-            print(f"{target}: up to date")
+            print(f"{target}, {adapters}: up to date")
             return 0
-        for path in write_examples(target):
+        for path in write_examples(target) + write_adapters(adapters):
             print(path)
         return 0
+    if args.command == "extract-lora":
+        from .cli_extract import run_command
+
+        return run_command(args)
     if args.command == "bench":
         from .bench import run_bench
 

@@ -1,11 +1,14 @@
 """Small, reproducible example checkpoints (``mergekit-lite examples``).
 
-Four tiny Llama-architecture models in Hugging Face layout: ``base`` and three fine-tunes whose
-task vectors differ in the ways merge methods care about:
+Five tiny Llama-architecture models in Hugging Face layout: ``base`` and fine-tunes whose task
+vectors differ in the ways merge methods care about:
 
 - ``ft_math``: a dense task vector (every entry changed a little);
 - ``ft_code``: a sparse task vector (10% of entries changed, more strongly);
-- ``ft_chat``: a task vector that mostly opposes ``ft_math`` in sign (−0.6·τ_math plus noise).
+- ``ft_chat``: a task vector that mostly opposes ``ft_math`` in sign (−0.6·τ_math plus noise);
+- ``ft_chatml``: a dense fine-tune that also added two tokens (``<|im_start|>``, ``<|im_end|>``, added
+  tokens 256 and 257, with new embedding and lm_head rows) and a ChatML chat template: its
+  vocabulary differs from the others', for ``tokenizer_source: union`` (``merge_configs/union.yml``).
 
 Values come from NumPy's PCG64 generator seeded per tensor, so the files are identical on every
 machine; the committed copies under ``merge_configs/models`` are checked against a regeneration in
@@ -151,11 +154,18 @@ def _vocab(n: int) -> dict[str, int]:
     return {w: i for i, w in enumerate(words[:n])}
 
 
-def write_tokenizer(folder: str, vocab_size: int) -> None:
-    """A minimal word-level tokenizer in the `tokenizers` JSON format, with its config files."""
+def write_tokenizer(folder: str, vocab_size: int, added: tuple[str, ...] = (), chat_template: str | None = None
+                    ) -> None:
+    """A minimal word-level tokenizer in the `tokenizers` JSON format, with its config files; `added`
+    special tokens get the ids after the vocabulary's. They are also put in the word-level vocabulary
+    (as <unk>, <s> and </s> are) so that `tokenizers` keeps those ids: it numbers an added token that
+    the vocabulary lacks from the vocabulary's size, and this vocabulary has a gap (the word "a" is
+    listed twice, so id 3 has no token), which would shift them by one."""
     vocab = _vocab(vocab_size)
+    vocab.update({t: i for i, t in enumerate(added, vocab_size)})
     specials = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])]
+                 "normalized": False, "special": True}
+                for i, t in list(enumerate(["<unk>", "<s>", "</s>"])) + list(enumerate(added, vocab_size))]
     tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
            "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
            "post_processor": None, "decoder": None,
@@ -165,6 +175,8 @@ def write_tokenizer(folder: str, vocab_size: int) -> None:
         fh.write("\n")
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
            "unk_token": "<unk>", "model_max_length": 256, "clean_up_tokenization_spaces": False}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
         json.dump(cfg, fh, indent=2)
         fh.write("\n")
@@ -210,13 +222,28 @@ def save_model(folder: str, tensors: dict[str, Any], config: dict[str, Any] | No
     return folder
 
 
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
 def example_models(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """The four example models' tensors."""
+    """The example models' tensors."""
     base = random_model(llama_shapes(LLAMA_CONFIG), seed)
     math = finetune(base, "dense", seed + 1)
     code = finetune(base, "sparse", seed + 2)
     chat = finetune(base, "opposed", seed + 3, like=math)
-    return {"base": base, "ft_math": math, "ft_code": code, "ft_chat": chat}
+    chatml = with_new_tokens(finetune(base, "dense", seed + 4), len(CHATML_TOKENS), seed + 4)
+    return {"base": base, "ft_math": math, "ft_code": code, "ft_chat": chat, "ft_chatml": chatml}
+
+
+def with_new_tokens(tensors: dict[str, np.ndarray], n: int, seed: int, std: float = 0.02) -> dict[str, np.ndarray]:
+    """`tensors` with `n` new rows (new tokens) appended to the embedding and lm_head, N(0, std²)."""
+    out = dict(tensors)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in out:
+            rng = np.random.default_rng(stable_seed("new-tokens", seed, name))
+            rows = rng.normal(0, std, (n, out[name].shape[1])).astype(np.float32)
+            out[name] = np.concatenate([out[name], rows])
+    return out
 
 
 def write_examples(target: str) -> list[str]:
@@ -226,16 +253,24 @@ def write_examples(target: str) -> list[str]:
         folder = os.path.join(target, name)
         if os.path.isdir(folder):
             shutil.rmtree(folder)
-        save_model(folder, tensors, LLAMA_CONFIG, max_shard_bytes=EXAMPLE_SHARD_BYTES)
+        if name == "ft_chatml":
+            from .chat_templates import BUILTIN
+
+            config = {**LLAMA_CONFIG, "vocab_size": LLAMA_CONFIG["vocab_size"] + len(CHATML_TOKENS)}
+            save_model(folder, tensors, config, max_shard_bytes=EXAMPLE_SHARD_BYTES, tokenizer=False)
+            write_tokenizer(folder, LLAMA_CONFIG["vocab_size"], CHATML_TOKENS, BUILTIN["chatml"])
+        else:
+            save_model(folder, tensors, LLAMA_CONFIG, max_shard_bytes=EXAMPLE_SHARD_BYTES)
         out.append(folder)
     return out
 
 
-def check_examples(target: str) -> list[str]:
-    """Differences between `target` and a fresh generation (empty when identical, byte for byte)."""
+def check_examples(target: str, write: Any = None) -> list[str]:
+    """Differences between `target` and a fresh generation by `write` (default: the example models;
+    empty when identical, byte for byte)."""
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_examples(tmp)
+        (write or write_examples)(tmp)
         for root, _dirs, files in os.walk(tmp):
             for f in files:
                 rel = os.path.relpath(os.path.join(root, f), tmp)

@@ -201,7 +201,11 @@ class GroupRun:
         held = self._hold(sink)
 
         def write() -> None:
-            send()
+            try:
+                send()
+            except BaseException as exc:
+                self.res.budget.break_(exc)
+                raise
             self._done(sink, held)
 
         self.res.writes.append(self.res.writer.submit(write))

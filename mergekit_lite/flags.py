@@ -130,7 +130,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--lora-merge-cache",), "str", "accepted, unused: adapters are never written out as merged copies",
          _no_effect, "PATH"),
     Flag(("--lora-merge-dtype",), "str", "noted, not honoured: adapters are applied in float32",
-         _note("--lora-merge-dtype: adapters are applied in float32 and the result rounded once, when written"),
+         _note("--lora-merge-dtype: adapters are applied in float32 and rounded to the base's dtype, as mergekit "
+               "does without this flag"),
          "DTYPE"),
     Flag(("--async-write",), "bool", "accepted, no effect: shards are always written by a background thread "
          "as tensors are computed", _no_effect),

@@ -28,16 +28,20 @@ import networkx as nx
 import torch
 
 from . import methods
+from .adapted import AdaptedSource
 from .arch import detect
 from .dtypes import numel
 from .errors import TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
 from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
-from .nodes import NODE_KINDS, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
+from .io.vocab import TokenizerOutput, Vocab
+from .nodes import NODE_KINDS, AlignVocab, Emit, Load, Merge, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
-from .steps import CardData, StepSummary, card_data, step_summaries, tokenizer_folder
+from .steps import (CardData, StepSummary, card_data, config_folder, consistent_config, output_tokenizer,
+                    step_summaries)
+from .vocab import Alignment, align_step, members_of
 
 __all__ = ["Compiled", "OutputSpec", "compile_recipe", "describe", "Load", "Merge", "Pick", "Write", "Emit",
            "stable_seed", "inputs_of", "order_groups", "assemble"]
@@ -66,6 +70,15 @@ class FileSource:
         meta: TensorMeta = self.files.tensors[tensor]
         return Load(meta.file, tensor, group, meta.shape, meta.dtype, self.label, meta.offset)
 
+    def vocab(self) -> Vocab | None:
+        return self.files.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return TokenizerOutput(self.files.folder)
+
+    def folder(self) -> str:
+        return self.files.folder
+
 
 class StepSource:
     """The output of an earlier step, computed in the graph, never written unless asked for."""
@@ -80,19 +93,57 @@ class StepSource:
     def node(self, tensor: str, group: str) -> NodeBase:
         return self.compiler.node(tensor, group)
 
+    def vocab(self) -> Vocab | None:
+        return self.compiler.vocab()
+
+    def tokenizer(self) -> TokenizerOutput:
+        return self.compiler.tokenizer
+
+    def folder(self) -> str | None:
+        return config_folder(self.compiler)
+
 
 class StepCompiler:
-    """One step: its expanded layout, and its nodes built on demand per (tensor, group)."""
+    """One step: its vocabulary alignment, its expanded layout, and its nodes built on demand per
+    (tensor, group)."""
 
-    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, allow_crimes: bool = False):
+    def __init__(self, plan: MergePlan, sources: Mapping[ModelRef, Any], seed: int, lookup: Any,
+                 allow_crimes: bool = False):
         self.sources = sources
         self.seed = seed
-        self.layout: StepLayout = expand(plan, {ref: src.info for ref, src in sources.items()},
-                                         allow_crimes=allow_crimes)
+        self.lookup = lookup  # ModelRef -> its source (models the step does not merge included)
+        infos = {ref: src.info for ref, src in sources.items()}
+        self.alignment: Alignment | None = align_step(plan, members_of(plan, sources), lambda ref: lookup(ref).vocab())
+        if self.alignment is not None:
+            infos = {ref: self.alignment.aligned(info, ref) for ref, info in infos.items()}
+        self.layout: StepLayout = expand(plan, infos, allow_crimes=allow_crimes)
         self.plan = self.layout.plan  # as expanded (a depth_upscale short form becomes slices)
         self.by_name = {t.name: t for t in self.layout.tensors}
         self._nodes: dict[tuple[str, str], NodeBase] = {}
         self.save_sinks: dict[str, Write] = {}  # tensor -> Write, when the step has `save:`
+
+    @cached_property
+    def tokenizer(self) -> TokenizerOutput:
+        """The tokenizer of this step's output (see :func:`mergekit_lite.steps.output_tokenizer`)."""
+        return output_tokenizer(self)
+
+    def vocab(self) -> Vocab | None:
+        """The vocabulary of this step's output, for a later step that aligns it."""
+        if self.alignment is not None:
+            al = self.alignment
+            donor = self.lookup(al.donor).vocab()
+            added = {t: e for t, e in (donor.added if donor else {}).items() if t in al.tokens}
+            added.update({t: dict(f) for t, _, f in al.tokenizer.added})
+            return Vocab(dict(al.tokens), added)
+        return self.lookup(self.tokenizer_ref).vocab()
+
+    @property
+    def tokenizer_ref(self) -> ModelRef:
+        """The model whose tokenizer this step's output takes when it builds none."""
+        src = self.plan.tokenizer_source
+        if src == "base":
+            return self.plan.base_model or self.layout.donor
+        return src if isinstance(src, ModelRef) else self.layout.donor
 
     def node(self, tensor: str, group: str) -> NodeBase:
         key = (tensor, group)
@@ -107,8 +158,18 @@ class StepCompiler:
                 self.save_sinks[tensor] = Write(self.plan.save, tensor, node, ot.dtype, group)
         return self._nodes[key]
 
+    def _input_nodes(self, ot: OutputTensor, group: str) -> list[NodeBase]:
+        """The nodes of the tensor's inputs (base last); vocabulary tensors go through their alignment."""
+        ins = list(ot.inputs) + ([ot.base] if ot.base else [])
+        nodes = [self.sources[i.ref].node(i.tensor, group) for i in ins]
+        al = self.alignment
+        if al is not None and any(al.covers(i.ref, i.tensor) for i in ins):
+            align = AlignVocab(ot.name, group, tuple(nodes), al.row_plan(tuple(i.ref for i in ins)))
+            nodes = [Pick(align, k, group) for k in range(len(nodes))]
+        return nodes
+
     def _copy(self, ot: OutputTensor, group: str) -> NodeBase:
-        node = self.sources[ot.inputs[0].ref].node(ot.inputs[0].tensor, group)
+        node = self._input_nodes(ot, group)[0]
         if node.dtype != ot.dtype:  # a copy written in another dtype: round it like any result
             node = Merge("passthrough", self.plan.name or "", ot.name, group, (node,), None, (),
                          (("scale", (1.0,)),), None, ot.shape, ot.dtype, ot.dtype)
@@ -116,13 +177,13 @@ class StepCompiler:
 
     def _merge(self, ot: OutputTensor, group: str) -> Merge:
         method = methods.get(self.plan.merge_method)
-        ins = tuple(self.sources[i.ref].node(i.tensor, group) for i in ot.inputs)
-        base = self.sources[ot.base.ref].node(ot.base.tensor, group) if ot.base else None
+        nodes = self._input_nodes(ot, group)
+        ins, base = tuple(nodes[:len(ot.inputs)]), (nodes[-1] if ot.base else None)
         seeds = None
         if method.random:
             seeds = tuple(stable_seed(self.seed, self.plan.name or "", ot.name, str(i.ref)) for i in ot.inputs)
         return Merge(method.name, self.plan.name or "", ot.name, group, ins, base, ot.params, ot.model_params,
-                     seeds, ot.shape, ot.dtype, ot.dtype, ot.section)
+                     seeds, ot.shape, ot.dtype, ot.dtype, section=ot.section)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,12 +195,15 @@ class OutputSpec:
     """One output folder: what it holds, how it is sharded, where its other files come from."""
 
     key: str  # "" for the main output, else the folder of a step's ``save:``
-    kind: str  # "model" (a Hugging Face model folder)
+    kind: str  # "model" (a Hugging Face model folder) or "adapter" (a PEFT adapter folder)
     tensors: tuple[PlannedTensor, ...]
     layout: ShardLayout
-    config: Mapping[str, Any]
-    tokenizer_folder: str | None  # folder whose tokenizer files are copied
+    config: Mapping[str, Any]  # consistent with the tensors written (dtype, layers, vocab_size); for an
+    # adapter, adapter_config.json without the ranks
+    tokenizer: TokenizerOutput  # the donor's tokenizer files, extended when the vocabulary was aligned
+    config_folder: str | None  # the config donor's folder: generation config, custom code
     card: CardData
+    manifest: Any = None  # adapters: the ranks and errors of the modules, recorded while running
 
 
 @dataclass(frozen=True)
@@ -154,6 +218,7 @@ class Compiled:
     outputs: tuple[OutputSpec, ...]
     steps: tuple[StepSummary, ...]
     warnings: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # every input model's folder (or file) and weight files: never written
 
     @property
     def max_need(self) -> int:
@@ -167,12 +232,14 @@ class Compiled:
 
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
-                   max_shard_size: int | ShardLimit = 5 * 10**9, allow_crimes: bool = False) -> Compiled:
+                   max_shard_size: int | ShardLimit = 5 * 10**9, allow_crimes: bool = False,
+                   clamp: bool = False) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
     the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
-    `allow_crimes` lets models of different architectures be merged (mergekit's --allow-crimes)."""
+    `allow_crimes` lets models of different architectures be merged (mergekit's --allow-crimes);
+    `clamp` clamps values that overflow the dtype they are rounded to (else they are an error)."""
     compilers = _compile_steps(recipe, files, seed, allow_crimes)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
@@ -182,11 +249,22 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
             if comp is not final and comp.plan.save:
                 sinks.extend(_save_sinks(comp))
                 outputs[comp.plan.save] = ([PlannedTensor(t.name, t.shape, t.dtype) for t in comp.layout.tensors], comp)
-    graph, groups, needs = assemble(_decide_rounding(sinks))
-    specs = tuple(_output_spec(key, tensors, comp, compilers, files, recipe, max_shard_size)
+    graph, groups, needs = assemble(_decide_rounding(sinks, clamp))
+    specs = tuple(_output_spec(key, tensors, comp, files, recipe, max_shard_size, dtype if key == "" else None)
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
-    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
+    warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
+    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings),
+                    input_paths(files))
+
+
+def input_paths(files: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every opened input's folder (or single file) and weight files: what outputs keep away from."""
+    out: set[str] = set()
+    for m in files.values():
+        out.add(m.path)
+        out.update(getattr(m, "files", ()) or ())
+    return tuple(sorted(out))
 
 
 def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
@@ -197,22 +275,34 @@ def assemble(sinks: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     return graph, groups, tuple(plan_peak(graph, nodes) for _, nodes in groups)
 
 
-def _compile_steps(recipe: Recipe, files: Mapping[str, ModelFiles], seed: int | None,
+def _compile_steps(recipe: Recipe, files: Mapping[str, Any], seed: int | None,
                    allow_crimes: bool) -> dict[str, StepCompiler]:
-    file_sources: dict[str, FileSource] = {}
+    sources: dict[str, Any] = {}
     compilers: dict[str, StepCompiler] = {}
+
+    def lookup(ref: ModelRef) -> Any:
+        """The source a reference names: an earlier step, else a model on disk (one object per model);
+        either with an adapter applied (:class:`~mergekit_lite.adapted.AdaptedSource`)."""
+        if ref.adapter is not None:
+            key = "adapted:" + str(ref)
+            if key not in sources:
+                sources[key] = AdaptedSource(ref, lookup(ref.base), files[str(ref.adapter)], step)
+            return sources[key]
+        is_step = ref.revision is None and ref.path in compilers
+        key = ("step:" if is_step else "file:") + str(ref)
+        if key not in sources:
+            sources[key] = StepSource(compilers[ref.path]) if is_step else FileSource(ref, files[str(ref)])
+        return sources[key]
+
     for step in recipe.steps:
-        sources: dict[ModelRef, Any] = {}
-        for ref in step.referenced_models():
-            if ref.revision is None and ref.path in compilers:
-                sources[ref] = StepSource(compilers[ref.path])
-            else:
-                if str(ref) not in file_sources:
-                    file_sources[str(ref)] = FileSource(ref, files[str(ref)])
-                sources[ref] = file_sources[str(ref)]
-        step_seed = seed if seed is not None else (step.seed if step.seed is not None else 0)
-        compilers[step.name or ""] = StepCompiler(step, sources, step_seed, allow_crimes)
+        compilers[step.name or ""] = StepCompiler(step, {ref: lookup(ref) for ref in step.referenced_models()},
+                                                  step_seed(step, seed), lookup, allow_crimes)
     return compilers
+
+
+def step_seed(step: MergePlan, seed: int | None) -> int:
+    """The seed of a step's random methods: the run's override, else the plan's, else 0."""
+    return seed if seed is not None else (step.seed if step.seed is not None else 0)
 
 
 def _output_sinks(final: StepCompiler, dtype: torch.dtype | None, sink: str, only: Iterable[str] | None
@@ -245,9 +335,10 @@ def _save_sinks(comp: StepCompiler) -> list[Write]:
     return [comp.save_sinks[ot.name] for ot in comp.layout.tensors]
 
 
-def _decide_rounding(sinks: list[Any]) -> list[Any]:
+def _decide_rounding(sinks: list[Any], clamp: bool = False) -> list[Any]:
     """A merge consumed only by sinks is held in float32 (sinks round it, chunk by chunk, so no
-    rounded copy is ever whole in memory); every other merge rounds its result to its dtype."""
+    rounded copy is ever whole in memory); every other merge rounds its result to its dtype.
+    Whoever rounds (a merge, an Emit; a Write's writer) clamps overflowing values when `clamp`."""
     consumers: dict[Any, list[Any]] = {}
     graph = _build(sinks)
     for node in graph:
@@ -260,6 +351,8 @@ def _decide_rounding(sinks: list[Any]) -> list[Any]:
             if (isinstance(node, Merge) and node.dtype != torch.float32 and node.dtype.is_floating_point
                     and all(isinstance(c, (Write, Emit)) for c in consumers[node])):
                 changes["held_dtype"] = torch.float32
+            if isinstance(node, (Merge, Emit)):
+                changes["clamp"] = clamp
             memo[node] = dataclasses.replace(node, **changes)
         return memo[node]
 
@@ -315,10 +408,11 @@ def order_groups(graph: nx.DiGraph, sinks: list[Any]) -> list[tuple[str, tuple[A
     return groups
 
 
-def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, compilers: Mapping[str, StepCompiler],
-                 files: Mapping[str, ModelFiles], recipe: Recipe, max_shard_size: int | ShardLimit) -> OutputSpec:
-    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size), comp.layout.config,
-                      tokenizer_folder(comp, compilers, files), card_data(recipe, comp.plan, compilers))
+def _output_spec(key: str, tensors: list[PlannedTensor], comp: StepCompiler, files: Mapping[str, ModelFiles],
+                 recipe: Recipe, max_shard_size: int | ShardLimit, override: torch.dtype | None) -> OutputSpec:
+    return OutputSpec(key, "model", tuple(tensors), ShardLayout(tensors, max_shard_size),
+                      consistent_config(comp.layout.config, tensors), comp.tokenizer, config_folder(comp),
+                      card_data(recipe, comp, files, override))
 
 
 def describe(compiled: Compiled) -> dict[str, Any]:

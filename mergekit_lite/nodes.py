@@ -29,7 +29,7 @@ from typing import Any, Callable, Union
 import torch
 
 from . import methods
-from .dtypes import element_size, numel
+from .dtypes import all_finite, check_rounded, element_size, numel
 from .errors import MergeError
 
 NODE_KINDS: dict[str, type] = {}
@@ -88,16 +88,6 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
-    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
-    checked entry by entry, in chunks so the boolean mask stays small."""
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
-        return True
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
-
-
 # ------------------------------------------------------------------------------------------------
 # sources
 
@@ -154,6 +144,7 @@ class Merge(NodeBase):
     shape: tuple[int, ...]
     dtype: torch.dtype  # the step's output dtype
     held_dtype: torch.dtype  # what the value is kept as: dtype, or float32 when only sinks consume it
+    clamp: bool = False  # values that overflow `held_dtype` when rounded are clamped, not refused
     section: str = "layer"  # where the tensor sits in the model (for sectioned methods)
 
     @property
@@ -188,6 +179,7 @@ class Merge(NodeBase):
             result = self._call(method.fn, moved, base, kwargs)
             del moved, base
             out = result if self.held_dtype == torch.float32 else result.to(self.held_dtype)
+            check_rounded(result, out, self.tensor, self.clamp)
             del result
         return out.to("cpu") if out.device.type != "cpu" else out
 
@@ -237,6 +229,37 @@ class Pick(NodeBase):
         return args[0][self.index]
 
 
+@node_kind
+@dataclass(frozen=True)
+class AlignVocab(NodeBase):
+    """One vocabulary-indexed tensor (embeddings, lm_head) of each input model, re-indexed to the
+    step's output vocabulary (:mod:`mergekit_lite.vocab`); one output per input, in its dtype.
+    ``rows`` is the compile-time :class:`~mergekit_lite.vocab.RowPlan` (compared by identity)."""
+
+    tensor: str  # output tensor name
+    group: str
+    inputs: tuple[Any, ...]  # each model's tensor
+    rows: Any
+
+    @property
+    def args(self) -> tuple:
+        return self.inputs
+
+    @property
+    def outputs(self) -> tuple[Spec, ...]:
+        return tuple(Spec(f"{self.tensor}[{i}]", (self.rows.size, *n.outputs[0].shape[1:]), n.outputs[0].dtype)
+                     for i, n in enumerate(self.inputs))
+
+    @property
+    def workspace_bytes(self) -> int:
+        first = self.inputs[0].outputs[0]
+        return self.rows.workspace_bytes(first.shape[1:], [n.outputs[0].dtype for n in self.inputs])
+
+    def run(self, ctx: Any, args: list) -> tuple:
+        with ctx.measuring():
+            return self.rows.apply(args)
+
+
 # ------------------------------------------------------------------------------------------------
 # sinks: they hold their input until the hand-off completes
 
@@ -284,6 +307,7 @@ class Emit(_Sink):
     value: Any
     dtype: torch.dtype
     group: str
+    clamp: bool = False  # as Merge.clamp
 
     @property
     def outputs(self) -> tuple[Spec, ...]:
@@ -291,7 +315,9 @@ class Emit(_Sink):
         return () if held == self.dtype else (Spec(self.tensor, self.value.shape, self.dtype),)
 
     def run(self, ctx: Any, args: list) -> None:
-        ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))
+        value = args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype)
+        check_rounded(args[0], value, self.tensor, self.clamp)
+        ctx.emit(self, self.tensor, value)
 
 
 Node = Union[Load, Merge, Pick]

@@ -23,7 +23,8 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
     info["estimated_peak_bytes"] = min(budget, sum(compiled.needs))
     steps = [{"name": st.name or "(output)", "method": st.method, "base_model": st.base_model,
               "models": list(st.models), "depends_on": list(st.depends_on), "tensors": st.tensors,
-              "save": st.save, "expanded": st.expanded, **dict(st.details)} for st in compiled.steps]
+              "save": st.save, "expanded": st.expanded, "vocabulary": st.vocabulary,
+              **dict(st.details)} for st in compiled.steps]
     info["steps"] = steps
     info["warnings"] = list(compiled.warnings)
     if as_json:
@@ -39,6 +40,8 @@ def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=N
             lines.append(f"  uses steps: {', '.join(s['depends_on'])} (computed in the same pass, not written)")
         if s["save"]:
             lines.append(f"  also saved to: {s['save']}")
+        if s["vocabulary"]:
+            lines.append(f"  vocabulary: {s['vocabulary']} (embedding and lm_head rows aligned token by token)")
         lines.append(f"  output tensors: {s['tensors']}")
         lines.extend(moe_lines(s))
         if s["expanded"]:

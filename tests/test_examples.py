@@ -6,6 +6,7 @@ import os
 import pytest
 
 import mergekit_lite
+from mergekit_lite.example_adapters import write_adapters
 from mergekit_lite.examples import check_examples
 
 from conftest import REPO, load_dir
@@ -17,6 +18,10 @@ def test_committed_example_models_match_a_fresh_generation():
     assert check_examples(os.path.join(REPO, "merge_configs", "models")) == []
 
 
+def test_committed_example_adapters_match_a_fresh_generation():
+    assert check_examples(os.path.join(REPO, "merge_configs", "adapters"), write_adapters) == []
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=[os.path.basename(p) for p in PLANS])
 def test_example_plan_runs(plan, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # model paths resolve relative to the plan file too
@@ -24,4 +29,5 @@ def test_example_plan_runs(plan, tmp_path, monkeypatch):
     stats = mergekit_lite.run(plan, str(out))
     tensors = load_dir(str(out))
     assert stats.tensors == len(tensors) > 0
-    assert (out / "config.json").exists()
+    adapter = "output: adapter" in open(plan).read()
+    assert (out / ("adapter_config.json" if adapter else "config.json")).exists()

@@ -49,6 +49,7 @@ def bf16_configs(tmp_path_factory):
         save_model(str(root / "models" / name), tensors, config, max_shard_bytes=200_000)
     for plan in PLANS:
         shutil.copy(plan, root)
+    shutil.copytree(os.path.join(CONFIGS, "adapters"), root / "adapters")  # float32 adapters of a bf16 base
     return str(root)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -21,11 +20,12 @@ import pytest
 import torch
 
 import mergekit_lite
+from mergekit_lite.dropin import mergekit_command
 
 from conftest import REPO, load_dir, write_plan
 
-MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
-MOE = os.path.join(os.path.dirname(MERGEKIT), "mergekit-moe") if MERGEKIT else shutil.which("mergekit-moe")
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or mergekit_command()  # mergekit's, not our entry point
+MOE = os.path.join(os.path.dirname(MERGEKIT), "mergekit-moe") if MERGEKIT else mergekit_command("mergekit-moe")
 pytestmark = pytest.mark.skipif(not (MOE and os.path.exists(MOE)),
                                 reason="mergekit-moe not found (set MERGEKIT_YAML to run the parity tests)")
 MODELS = os.path.join(REPO, "merge_configs", "models")

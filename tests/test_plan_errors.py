@@ -92,9 +92,11 @@ def test_scientific_notation_is_a_number():
     assert recipe.output.models[0].parameters["weight"] == 0.001
 
 
-def test_lora_reference_is_reported_not_ignored():
-    found, _ = issues("merge_method: linear\nmodels:\n  - model: org/base+org/adapter\n    parameters: {weight: 1}\n")
-    assert "LoRA" in found[0].message and found[0].path == "models[0].model"
+def test_lora_reference_is_read_as_a_base_with_an_adapter_not_ignored():
+    recipe = parse_plan("merge_method: linear\nmodels:\n  - model: org/base+org/adapter@v2\n    parameters: {weight: 1}\n")
+    ref = recipe.output.models[0].model
+    assert (ref.path, ref.revision, str(ref.adapter), str(ref)) == ("org/base", None, "org/adapter@v2",
+                                                                    "org/base+org/adapter@v2")
 
 
 def test_missing_plan_file(tmp_path):

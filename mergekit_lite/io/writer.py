@@ -5,21 +5,31 @@ computed, from the planned shapes and dtypes; each shard's header is written up 
 are written at their offsets as they arrive, in any order. Nothing is buffered: a tensor's bytes
 go to disk as soon as it is computed. Everything is written into a temporary folder next to the
 output, which is renamed into place only when the whole merge succeeded.
+
+:class:`OutputFolder` is where it is decided what may be replaced and how a folder's life goes
+(checks, lock, temporaries of dead runs, resume, commit); the rules themselves are in
+:mod:`.folders`, the resume journal in :mod:`.journal`. Every value is checked after rounding to
+the output dtype (:func:`~mergekit_lite.dtypes.check_rounded`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import threading
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-from ..dtypes import TORCH_TO_ST, element_size, numel
-from ..errors import MergeError, OutputExists
+from ..dtypes import TORCH_TO_ST, check_rounded, element_size, numel
+from ..errors import MergeError, OutputExists, UnsafeOutput
+from ..interrupts import critical
+from .folders import (OutputLock, check_location, output_error, read_marker, remove_tree, replace_refusal,
+                      reserve, stale_temporaries, temp_name, write_marker)
+from .journal import Journal, read_journal
 
 _CHUNK = 1 << 22  # elements rounded per step when a float32 result is written in a narrower dtype
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -35,7 +45,10 @@ def parse_size(text: str | int) -> int:
     m = _SIZE.match(str(text))
     if not m or (m.group(2) or "").lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if not value < 2**62:
+        raise ValueError(f"not a size: {text!r} is too large")
+    return int(value)
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
@@ -62,6 +75,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    bounded: bool = False  # the shape is an upper bound (a rank picked while merging): see ShardedWriter
 
     @property
     def nbytes(self) -> int:
@@ -91,20 +105,25 @@ class ShardLimit:
 class ShardLayout:
     """Which tensor goes in which shard, in order, each shard at most `max_shard_size` (bytes, or a
     :class:`ShardLimit`; a tensor larger than that gets a shard of its own), named as Hugging Face
-    names them."""
+    names them (`basename` ``adapter_model`` for PEFT adapters); `groups` gives the shards' tensors
+    directly."""
 
-    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit):
-        limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
-        groups: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if groups[-1] and size + limit.weigh(t) > limit.amount:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += limit.weigh(t)
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int | ShardLimit, basename: str = "model",
+                 groups: list[list[PlannedTensor]] | None = None):
+        self.basename = basename
+        if groups is None:
+            limit = max_shard_size if isinstance(max_shard_size, ShardLimit) else ShardLimit(max_shard_size)
+            groups = [[]]
+            size = 0
+            for t in tensors:
+                if groups[-1] and size + limit.weigh(t) > limit.amount:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(t)
+                size += limit.weigh(t)
         n = len(groups)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = ([f"{basename}.safetensors"] if n == 1 else
+                 [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.shards = [Shard(name, group) for name, group in zip(names, groups)]
         # name -> (shard, absolute offset in the shard file, planned tensor)
         self.where: dict[str, tuple[Shard, int, PlannedTensor]] = {}
@@ -134,26 +153,72 @@ class ShardLayout:
 
 
 class ShardedWriter:
-    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets."""
+    """Writes tensors of a :class:`ShardLayout` into `folder` at their planned offsets.
 
-    def __init__(self, folder: str, layout: ShardLayout):
+    A tensor planned with a ``bounded`` shape (the rank of a factor chosen by an error target while
+    merging) may arrive smaller; its bytes go to the start of the space planned for it, and
+    :meth:`finish` rewrites the shards that hold such tensors without the unused space.
+
+    Every value is checked as written (:func:`~mergekit_lite.dtypes.check_rounded`: no inf/NaN,
+    none made by rounding, unless `clamp`). With a `journal`, each tensor's name (and a bounded
+    tensor's actual shape) is recorded once its bytes are written; `done` are tensors an interrupted
+    run already wrote into the shards found in `folder` (which must then match the layout), with
+    their actual shapes where smaller. `label` names the output in messages."""
+
+    def __init__(self, folder: str, layout: ShardLayout, *, clamp: bool = False, journal: Journal | None = None,
+                 done: Mapping[str, tuple[int, ...] | None] | None = None, label: str | None = None):
         self.folder = folder
         self.layout = layout
+        self.clamp = clamp
+        self.journal = journal
+        self.label = label or folder
         self._fds: dict[str, int] = {}
         self._written: set[str] = set()
+        self._done = {n: shape for n, shape in (done or {}).items() if n in layout.where}
+        # bounded tensors written smaller than planned
+        self._actual: dict[str, tuple[int, ...]] = {n: shape for n, shape in self._done.items() if shape}
         self._lock = threading.Lock()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}  # rounding buffers (one writer thread)
-        for shard in layout.shards:
-            fd = os.open(os.path.join(folder, shard.file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with self._os_errors():
+            for shard in layout.shards:
+                self._fds[shard.file] = self._open_shard(shard)
+
+    def _open_shard(self, shard: Shard) -> int:
+        path = os.path.join(self.folder, shard.file)
+        size = len(shard.header) + shard.data_size
+        if self._done:  # continuing: the shard must be the one this layout wrote
+            fd = os.open(path, os.O_RDWR)
+            if os.fstat(fd).st_size != size or os.pread(fd, len(shard.header), 0) != shard.header:
+                os.close(fd)
+                raise MergeError(f"cannot resume {self.label}: {shard.file} does not match the plan; "
+                                 "run again without --resume")
+            return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            reserve(fd, size)
             _pwrite_all(fd, shard.header, 0)
-            os.ftruncate(fd, len(shard.header) + shard.data_size)
-            self._fds[shard.file] = fd
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def _os_errors(self):
+        try:
+            yield
+        except OSError as exc:
+            need = self.layout.total_size + sum(len(s.header) for s in self.layout.shards)
+            raise output_error(exc, self.label, need) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write `tensor` at its planned place. A tensor in another dtype than planned (a float32
         result) is rounded chunk by chunk through a small reused buffer, never copied whole."""
         shard, offset, planned = self.layout.where[name]
-        if tuple(tensor.shape) != planned.shape or (tensor.dtype != planned.dtype and not (
+        shape = tuple(tensor.shape)
+        smaller = planned.bounded and len(shape) == len(planned.shape) and all(
+            a <= b for a, b in zip(shape, planned.shape))
+        if (shape != planned.shape and not smaller) or (tensor.dtype != planned.dtype and not (
                 tensor.dtype.is_floating_point and planned.dtype.is_floating_point)):
             raise RuntimeError(f"tensor {name}: planned {planned.shape} {planned.dtype}, "
                                f"got {tuple(tensor.shape)} {tensor.dtype}")
@@ -161,39 +226,77 @@ class ShardedWriter:
             if name in self._written:
                 raise RuntimeError(f"tensor {name} written twice")
             self._written.add(name)
+            if shape != planned.shape:
+                self._actual[name] = shape
         tensor = tensor.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.to("cpu", dtype=planned.dtype)
+        if tensor.device.type != "cpu":  # round where it is, checked like any rounding, then copy
+            rounded = tensor.to(planned.dtype)
+            check_rounded(tensor, rounded, name, self.clamp)
+            tensor = rounded.to("cpu")
         tensor = tensor.contiguous().reshape(-1)
-        fd = self._fds[shard.file]
-        if tensor.dtype == planned.dtype:
+        with self._os_errors():
+            self._write_bytes(name, self._fds[shard.file], offset, planned.dtype, tensor)
+            if self.journal is not None:
+                self.journal.record(name, shape if shape != planned.shape else None)
+
+    def _write_bytes(self, name: str, fd: int, offset: int, dtype: torch.dtype, tensor: torch.Tensor) -> None:
+        if tensor.dtype == dtype:
+            check_rounded(tensor, tensor, name)
             if tensor.numel():
                 _pwrite_all(fd, tensor.view(torch.uint8).numpy(), offset)
             return
-        scratch = self._scratch.get(planned.dtype)
+        scratch = self._scratch.get(dtype)
         if scratch is None:
-            scratch = self._scratch[planned.dtype] = torch.empty(_CHUNK, dtype=planned.dtype)
+            scratch = self._scratch[dtype] = torch.empty(_CHUNK, dtype=dtype)
         itemsize = scratch.element_size()
         for start in range(0, tensor.numel(), _CHUNK):
             chunk = tensor[start:start + _CHUNK]
             out = scratch[:chunk.numel()]
             out.copy_(chunk)
+            check_rounded(chunk, out, name, self.clamp)
             _pwrite_all(fd, out.view(torch.uint8).numpy(), offset + start * itemsize)
 
     def finish(self) -> dict:
         """Check every tensor was written, flush to disk, write the index; returns the index."""
-        missing = [t.name for s in self.layout.shards for t in s.tensors if t.name not in self._written]
+        missing = [t.name for s in self.layout.shards for t in s.tensors
+                   if t.name not in self._written and t.name not in self._done]
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
-        for fd in self._fds.values():
-            os.fsync(fd)
-        self.close()
-        index = self.layout.index()
-        if len(self.layout.shards) > 1:
-            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-                json.dump(index, fh, indent=2)
-                fh.write("\n")
+        with self._os_errors():
+            if self.journal is not None:
+                self.journal.finishing()  # from here on the shards change: not resumable
+            if self._actual:
+                self._compact()
+            for fd in self._fds.values():
+                os.fsync(fd)
+            self.close()
+            index = self.layout.index()
+            if len(self.layout.shards) > 1:
+                with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+                    json.dump(index, fh, indent=2)
+                    fh.write("\n")
         return index
+
+    def _compact(self) -> None:
+        """Rewrite the shards holding tensors written smaller than planned: the layout of the actual
+        shapes, each tensor's bytes copied from the start of the space planned for it."""
+        old = self.layout
+        groups = [[PlannedTensor(t.name, self._actual.get(t.name, t.shape), t.dtype) for t in s.tensors]
+                  for s in old.shards]
+        self.layout = ShardLayout([], 0, old.basename, groups=groups)
+        for shard in self.layout.shards:
+            if not any(t.name in self._actual for t in shard.tensors):
+                continue
+            tmp = os.path.join(self.folder, shard.file + ".compact")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite_all(fd, shard.header, 0)
+            src = self._fds[shard.file]
+            for t in shard.tensors:
+                data = os.pread(src, t.nbytes, old.where[t.name][1])
+                _pwrite_all(fd, data, self.layout.where[t.name][1])
+            os.close(src)
+            os.replace(tmp, os.path.join(self.folder, shard.file))
+            self._fds[shard.file] = fd
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -215,40 +318,118 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 class OutputFolder:
     """A temporary folder next to `out` that becomes `out` only on :meth:`commit`.
 
-    ``with OutputFolder(out, overwrite) as tmp: ...; commit()``; on any error the temporary
-    folder is removed and `out` is left as it was.
+    ``with OutputFolder(out, overwrite) as folder: ...write into folder.tmp...; folder.commit()``;
+    on any error (or a signal) the temporary folder is removed and `out` is left as it was.
+    Constructing one only checks (nothing is written): `out` must keep away from the `protected`
+    paths (:func:`~.folders.check_location`), and an existing `out` is replaced only with
+    `overwrite` and only if mergekit-lite wrote it, or with `force` (:func:`~.folders.replace_refusal`).
+    Entering takes the output's lock, removes temporaries of dead runs, and creates the temporary
+    folder with its journal; with `resume`, the temporary folder of an interrupted run with the same
+    `key` is continued instead (:attr:`done` names its tensors already written).
     """
 
-    def __init__(self, out: str, overwrite: bool = False):
+    def __init__(self, out: str, overwrite: bool = False, *, force: bool = False,
+                 protected: list[tuple[str, str, bool]] | None = None, others: tuple[str, ...] = (),
+                 key: str | None = None, resume: bool = False):
         self.out = os.path.abspath(out)
-        self.overwrite = overwrite
-        if os.path.exists(self.out) and not overwrite:
-            raise OutputExists(f"{out} already exists; choose another output folder or pass --overwrite")
+        self.overwrite = overwrite or force
+        self.force = force
+        self.key = key
+        self.resume = resume
+        check_location(self.out, protected or [], [os.path.abspath(o) for o in others])
+        if os.path.lexists(self.out):
+            if not self.overwrite and not (resume and self.complete()):
+                raise OutputExists(f"{out} already exists; choose another output folder or pass --overwrite")
+            why = replace_refusal(self.out, force)
+            if why:
+                raise UnsafeOutput(f"{why}; --overwrite only replaces a folder a run of mergekit-lite wrote; "
+                                   "pass --force-overwrite to replace it anyway")
+        self.tmp = temp_name(self.out)
+        self.lock = OutputLock(self.out)
+        self.journal: Journal | None = None
+        self.done: dict[str, tuple[int, ...] | None] = {}  # tensors already written -> actual shape if smaller
+        self.notes: list[str] = []
+        self.committed = False
+
+    def complete(self) -> bool:
+        """Whether `out` already holds this very run's result (its marker has our key)."""
+        marker = read_marker(self.out) if self.key else None
+        return bool(marker) and marker.get("run_key") == self.key
+
+    def __enter__(self) -> "OutputFolder":
+        try:
+            with critical():
+                self._make_parent()
+                self.lock.acquire()
+                self._take_temporaries()
+        except BaseException:
+            self._clean()
+            raise
+        return self
+
+    def _make_parent(self) -> None:
         parent = os.path.dirname(self.out)
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
-            raise MergeError(f"{out}: cannot create the parent folder {parent}: {exc}") from None
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.tmp-{os.getpid()}")
-        self.committed = False
+            raise output_error(exc, parent) from None
 
-    def __enter__(self) -> "OutputFolder":
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        return self
+    def _take_temporaries(self) -> None:
+        """Continue the newest resumable temporary folder (with `resume`), remove the others."""
+        adopted = None
+        for old in stale_temporaries(self.out):
+            if self.resume and self.key and adopted is None and not old.endswith(".old"):
+                done, why = read_journal(old, self.key)
+                if done is not None:
+                    os.rename(old, self.tmp)
+                    adopted, self.done = old, done
+                    continue
+                self.notes.append(f"not resuming {old}: {why}; starting over")
+            remove_tree(old)
+        try:
+            if adopted is None:
+                os.mkdir(self.tmp)
+            if self.key:
+                self.journal = Journal(self.tmp, self.key, fresh=adopted is None)
+        except OSError as exc:
+            raise output_error(exc, self.out) from None
+        if self.resume and adopted is None and not self.notes:
+            self.notes.append(f"nothing to resume for {self.out}; starting from the beginning")
 
-    def commit(self) -> None:
+    def commit(self, marker: dict | None = None) -> None:
+        """Move the finished temporary folder into place (writing the marker first, if given)."""
+        with critical():
+            try:
+                if self.journal is not None:
+                    self.journal.remove()
+                if marker is not None:
+                    write_marker(self.tmp, marker)
+                self._replace()
+            except OSError as exc:
+                raise output_error(exc, self.out) from None
+
+    def _replace(self) -> None:
         old = None
-        if os.path.exists(self.out):
-            if not self.overwrite:
+        if os.path.lexists(self.out):
+            if not self.overwrite and not (self.resume and self.complete()):
                 raise OutputExists(f"{self.out} appeared while merging; not replacing it without --overwrite")
+            why = replace_refusal(self.out, self.force)
+            if why:
+                raise UnsafeOutput(f"{why} (it changed while merging); not replacing it")
             old = self.tmp + ".old"
             os.rename(self.out, old)
         os.rename(self.tmp, self.out)
         self.committed = True
         if old:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
     def __exit__(self, *exc) -> None:
+        with critical():
+            self._clean()
+
+    def _clean(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         if not self.committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_tree(self.tmp)
+        self.lock.release()

@@ -270,5 +270,6 @@ from . import sce as _sce  # noqa: E402,F401
 from . import nearswap as _nearswap  # noqa: E402,F401
 from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
 from . import ram as _ram  # noqa: E402,F401
+from . import concat as _concat  # noqa: E402,F401
 from . import tsv as _tsv  # noqa: E402,F401
 from . import iso as _iso  # noqa: E402,F401

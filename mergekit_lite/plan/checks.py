@@ -76,7 +76,9 @@ def check_inputs(plan: MergePlan, method: methods.Method, issues: list[Issue], w
     """Number of models and use of base_model, against what the method needs."""
     groups: list[tuple[Path, list[ModelRef], ModelRef | None]] = []
     if plan.models is not None:
-        groups.append((("models",), [m.model for m in plan.models], plan.base_model))
+        # in an adapter output, base_model is the adapters' base, not an input of a base-less method
+        adapters_base = plan.output == "adapter" and method.base == "none"
+        groups.append((("models",), [m.model for m in plan.models], None if adapters_base else plan.base_model))
     if plan.slices is not None:
         for sl in plan.slices:
             groups.append((sl.path[len(plan.prefix):] + ("sources",), [s.model for s in sl.sources],

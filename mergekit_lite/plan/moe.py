@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..moe.arch import ARCHS, matching
+from . import tokenizer as tok
 from .parser import Keys, StepParser
 from .recipe import Expert, MergePlan, MoESpec
 from .source import Path
@@ -59,7 +60,7 @@ class MoEParser(StepParser):
         if "base_model" not in self.data:
             self.report((), "missing key 'base_model' (the model whose attention, embeddings and norms are kept)")
         dtype = self.dtype("dtype")
-        tokenizer = self.tokenizer_source("tokenizer_source")
+        tokenizer = self.moe_tokenizer_source("tokenizer_source")
         seed = self.seed("seed")
         name = self.name("name")
         mode = self.gate_mode()
@@ -74,6 +75,14 @@ class MoEParser(StepParser):
         spec = MoESpec(tuple(experts), tuple(shared), mode, per_token, archs, self.prefix)
         return MergePlan("moe", base, None, None, {}, dtype=dtype, tokenizer_source=tokenizer, seed=seed, moe=spec,
                          name=name, doc=self.doc, prefix=self.prefix)
+
+    def moe_tokenizer_source(self, key: str) -> Any:
+        """``base`` or a model: the experts share the base's vocabulary, so there is nothing to unite."""
+        source = tok.tokenizer_source(self, key)
+        if source == "union":
+            self.report((key,), "a mixture of experts keeps the base's vocabulary; allowed: base or a model")
+            return None
+        return source
 
     def gate_mode(self) -> str:
         mode = self.data.get("gate_mode", "hidden")

@@ -16,15 +16,17 @@ values, model counts) are in :mod:`mergekit_lite.plan.checks`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .. import methods
 from ..dtypes import PLAN_DTYPES
 from ..errors import Issue
+from . import tokenizer as tok
 from .checks import check_inputs, setting_problems
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, SliceSource
+from . import output_keys
+from .refs import OVERRIDE, read_ref
 from .source import Document, Path
 from .space import read_section
 
@@ -37,29 +39,29 @@ STEP_KEYS = {
     "parameters": "parameters for every tensor",
     "dtype": "dtype written when out_dtype is not given",
     "out_dtype": "dtype of the written tensors",
-    "tokenizer_source": "where the tokenizer comes from: base, or a model",
+    "tokenizer_source": "the output vocabulary: base, union, or a model's",
+    "tokenizer": "the output vocabulary with per-token settings: {source, tokens, pad_to_multiple_of}",
+    "chat_template": "the output's chat template: auto, a built-in name, or a Jinja template",
     "embed_source": "model whose embeddings a slices plan copies (default: the first slice's)",
     "head_source": "model whose final norm and lm_head a slices plan copies (default: the last slice's)",
     "name": "the step's name (multi-step plans)",
     "save": "also write this step's result to this folder (multi-step plans)",
     "seed": "seed of the random methods (DARE, DELLA)",
+    "output": "what the step writes: model (default), or adapter (the models are PEFT adapters of base_model)",
+    "rank": "adapter outputs: rank of the re-factorised modules (default: the largest input rank)",
+    "rank_error": "adapter outputs: per-module relative error target that picks each module's rank",
+    "log_space": "IA3 adapter outputs: merge the logarithms of the scaling vectors",
     "search": "parameters for mergekit-lite search to try (ignored by run)",
 }
 
-_LORA = "LoRA inputs and override_architecture are not supported yet"
-
 # mergekit keys that mergekit-lite recognises but does not support: key -> why it is refused. Each
 # mapping that may hold one names it in its Keys' `refused` below; a model reference written as a
-# mapping refuses lora and override_architecture (StepParser.model_ref_mapping).
+# mapping refuses override_architecture (:mod:`mergekit_lite.plan.refs`).
 UNSUPPORTED_KEYS = {
     # a step
     "modules": "multi-module (vision-language) plans are not supported yet",
-    "tokenizer": "tokenizer building (union vocabularies, added tokens) is not supported yet; "
-                 "use tokenizer_source: base or a model",
-    "chat_template": "chat templates are not supported yet; the tokenizer donor's template is copied",
     # a model reference written as a mapping
-    "lora": _LORA,
-    "override_architecture": _LORA,
+    "override_architecture": OVERRIDE,
 }
 
 
@@ -93,13 +95,11 @@ class Keys:
 
 
 STEP = Keys(tuple(STEP_KEYS), "unknown key '{key}'; allowed keys: {allowed}",
-            refused=("modules", "tokenizer", "chat_template"))
+            refused=("modules",))
 RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: {allowed}")
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
+MAX_COPIES = 64  # depth_upscale copies: SOLAR uses 2; a huge count would only exhaust memory
 UPSCALE = Keys(("model", "copies", "drop"), "unknown key '{key}'; allowed: {allowed}")
-# mergekit's ModelReference: {model: {path, revision}, lora: ..., override_architecture: ...}; the
-# last two are refused (StepParser.model_ref_mapping)
-MODEL_REF_KEYS = {"model", "lora", "override_architecture"}
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,13 @@ class StepParser:
         self.check_keys((), self.data, STEP)
         values = {key: read(self, key) for key, read in self.READERS.items()}
         self.check_one_form()
+        if values["output"] == "adapter":
+            output_keys.check_adapter_inputs(self, values)
         if len(self.issues) > n_before or self.method is None:
             return None
         plan = MergePlan(**values, doc=self.doc, prefix=self.prefix)
         check_inputs(plan, self.method, self.issues, self.warnings)
+        tok.check_token_sources(plan, self.issues)
         return plan if len(self.issues) == n_before else None
 
     # one reader per key: returns the MergePlan field of the same name ---------------------------
@@ -219,17 +222,6 @@ class StepParser:
         if self.data.get(key) is None:
             return None
         return self.model_ref((key,), self.data[key])
-
-    def tokenizer_source(self, key: str) -> ModelRef | str | None:
-        tok = self.data.get(key)
-        if tok is None:
-            return None
-        if tok == "union":
-            self.report((key,), "tokenizer_source: union is not supported yet; allowed: base, or a model")
-            return None
-        if tok == "base":
-            return "base"
-        return self.model_ref((key,), tok)
 
     def parameters(self, key: str) -> Mapping[str, Any]:
         return self.settings((key,), self.data.get(key), "global")
@@ -290,8 +282,14 @@ class StepParser:
         "name": name,
         "save": save,
         "seed": seed,
+        "output": output_keys.output,
+        "rank": output_keys.rank,
+        "rank_error": output_keys.rank_error,
+        "log_space": output_keys.log_space,
         "base_model": base_model,
-        "tokenizer_source": tokenizer_source,
+        "tokenizer_source": tok.tokenizer_source,
+        "tokenizer": tok.tokenizer_section,
+        "chat_template": tok.chat_template,
         "parameters": parameters,
         "models": models,
         "slices": slices,
@@ -374,10 +372,12 @@ class StepParser:
         else:
             ref = self.model_ref(path + ("model",), raw["model"])
         counts = {}
-        for key, lo, default in (("copies", 2, 2), ("drop", 0, 0)):
+        for key, lo, hi, default in (("copies", 2, MAX_COPIES, 2), ("drop", 0, None, 0)):
             v = raw.get(key, default)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 self.report(path + (key,), f"{key} must be an integer >= {lo}, got {v!r}")
+            elif hi is not None and v > hi:
+                self.report(path + (key,), f"{key} must be at most {hi} (each copy repeats every layer), got {v}")
             counts[key] = v
         if len(self.issues) > n_before or ref is None:
             return None
@@ -408,40 +408,5 @@ class StepParser:
         return raw
 
     def model_ref(self, path: Path, value: Any) -> ModelRef | None:
-        """A model reference: ``path``, ``org/name@revision`` or ``{path, revision}``."""
-        if isinstance(value, dict):
-            return self.model_ref_mapping(path, value)
-        if not isinstance(value, str) or not value.strip():
-            self.report(path, f"expected a model path or Hugging Face repo id, got {value!r}")
-            return None
-        value = value.strip()
-        if "+" in value and not os.path.exists(value):
-            self.report(path, f"'{value}' names a LoRA adapter (model+lora); LoRA inputs are not supported yet")
-            return None
-        if "@" in value and not os.path.exists(value):
-            repo, _, rev = value.rpartition("@")
-            if not repo or not rev:
-                self.report(path, f"'{value}': expected org/name@revision")
-                return None
-            return ModelRef(repo, rev)
-        return ModelRef(value)
-
-    def model_ref_mapping(self, path: Path, value: dict) -> ModelRef | None:
-        """``{path, revision}``, or mergekit's ``{model: {path, revision}, lora, override_architecture}``."""
-        inner = value.get("model", value) if set(value) <= MODEL_REF_KEYS else value
-        refused = None
-        if isinstance(value.get("lora"), str):
-            refused = "lora"
-        elif value.get("override_architecture"):
-            refused = "override_architecture"
-        if refused is not None:
-            self.report(path, UNSUPPORTED_KEYS[refused])
-            return None
-        if isinstance(inner, dict) and isinstance(inner.get("path"), str) and set(inner) <= {"path", "revision"}:
-            rev = inner.get("revision")
-            if rev is not None and not isinstance(rev, str):
-                self.report(path + ("revision",), f"a revision is a string, got {rev!r}")
-                return None
-            return ModelRef(inner["path"], rev)
-        self.report(path, "expected a model path or repo id (a string), or {path: ..., revision: ...}")
-        return None
+        """A model reference in any form :mod:`mergekit_lite.plan.refs` reads (adapters included)."""
+        return read_ref(self.report, path, value)

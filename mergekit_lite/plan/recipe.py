@@ -24,13 +24,57 @@ MOE_PAPER = "https://arxiv.org/abs/2212.05055"
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as the plan names it: a local folder or file, or a Hub repo id with a revision."""
+    """A model as the plan names it: a local folder or file, or a Hub repo id with a revision;
+    optionally with a PEFT adapter applied to it (``base+adapter``: the model that PEFT's
+    ``merge_and_unload`` would give, formed tensor by tensor while merging)."""
 
     path: str
     revision: str | None = None
+    adapter: "ModelRef | None" = None
 
     def __str__(self) -> str:
-        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+        base = self.path if self.revision is None else f"{self.path}@{self.revision}"
+        return base if self.adapter is None else f"{base}+{self.adapter}"
+
+    @property
+    def base(self) -> "ModelRef":
+        """The model without its adapter."""
+        return self if self.adapter is None else ModelRef(self.path, self.revision)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding row comes from (mergekit's ``tokens: {TOKEN: {source: ...}}``):
+    ``model`` (that model's row for the token), ``model_token`` (that model's row of another token
+    or id) or ``zero``."""
+
+    kind: str  # "model" | "model_token" | "zero"
+    model: ModelRef | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """One entry of ``tokenizer: tokens:``; ``force`` applies the source even to models that have the token."""
+
+    source: TokenSource | None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The output vocabulary of a step: ``tokenizer_source`` or the ``tokenizer:`` section."""
+
+    source: ModelRef | str  # "base", "union" or a model
+    tokens: tuple[tuple[str, TokenSetting], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+    def models(self) -> list[ModelRef]:
+        """Models the spec names (its source, the token sources)."""
+        refs = [self.source] if isinstance(self.source, ModelRef) else []
+        refs += [s.source.model for _, s in self.tokens if s.source is not None and s.source.model is not None]
+        return refs
 
 
 @dataclass(frozen=True)
@@ -107,6 +151,8 @@ class MergePlan:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: ModelRef | str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # "auto", a built-in name or a Jinja template
     name: str | None = None
     save: str | None = None
     seed: int | None = None
@@ -116,6 +162,10 @@ class MergePlan:
     moe: MoESpec | None = None  # a mixture of experts built from dense models (mergekit-moe's config)
     search: tuple = ()  # the ``search:`` section's Dimensions (plan/space.py); run ignores them
     expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
+    output: str = "model"  # "model", or "adapter": the models are adapters of base_model, merged into one
+    rank: int | None = None  # adapter outputs: rank of the re-factorised modules (default: the inputs')
+    rank_error: float | None = None  # adapter outputs: per-module relative error target that picks the rank
+    log_space: bool = False  # IA3 adapter outputs: merge log(l) instead of l
     doc: Document | None = field(default=None, compare=False, repr=False)
     prefix: Path = ()  # key path of this step inside its document (``steps[i]``)
 
@@ -128,6 +178,15 @@ class MergePlan:
         """Where the step's method is described (for the model card)."""
         return MOE_PAPER if self.moe is not None else self.method.paper
 
+    @property
+    def summary(self) -> str:
+        """One sentence on what the step's method does (for the model card)."""
+        if self.moe is not None:
+            return (f"A mixture of experts upcycled from dense models (gate mode {self.moe.gate_mode}, "
+                    f"{self.moe.experts_per_token} experts per token).")
+        doc = self.method.doc
+        return doc.split("\n\n")[0].replace("\n", " ") if doc else ""
+
     def referenced_models(self) -> list[ModelRef]:
         """Every model the step reads, in first-mention order, base first."""
         seen: list[ModelRef] = []
@@ -138,6 +197,14 @@ class MergePlan:
             if ref is not None and ref not in seen:
                 seen.append(ref)
         return seen
+
+    @property
+    def vocabulary(self) -> TokenizerSpec | None:
+        """The step's output vocabulary setting (``tokenizer:`` or ``tokenizer_source``), None without one:
+        then every model must have the same vocabulary and the donor's tokenizer is copied."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSpec(self.tokenizer_source) if self.tokenizer_source is not None else None
 
     def issue(self, path: Path, message: str) -> Issue:
         if self.doc is None:
