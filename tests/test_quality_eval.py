@@ -151,6 +151,7 @@ def test_greedy_predictions_equal_transformers_generate(arch, tmp_path):
 
     from mergekit_lite import Model
     from mergekit_lite.examples import GPT2_CONFIG, LLAMA_CONFIG, gpt2_shapes, llama_shapes, random_model, save_model
+    from mergekit_lite.io.vocab import TokenizerOutput
     from mergekit_lite.quality.hf import ModelCache, stream_into
     from mergekit_lite.quality.infer import encode_prompt, generate
     from mergekit_lite.quality.tasks import load_task
@@ -163,7 +164,7 @@ def test_greedy_predictions_equal_transformers_generate(arch, tmp_path):
     cache = ModelCache()
     model = cache.model(config, arch, torch.device("cpu"), torch.float32)
     stream_into(model, Model(folder).iter_tensors(device="cpu"), arch)
-    tokenizer = cache.tokenizer(folder, arch)
+    tokenizer = cache.tokenizer(TokenizerOutput(folder), arch)
     got = generate(model, tokenizer, load_task(str(task)), torch.device("cpu"), batch_size=4)
     eos = config["eos_token_id"]
     for prompt, text in zip(words, got):

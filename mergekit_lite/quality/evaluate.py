@@ -162,13 +162,16 @@ class Evaluator:
         start = time.time()
         compiled = source.compile(self.options)
         spec = compiled.outputs[0]
+        if spec.kind != "model":
+            raise MergeError(f"{source.label}: the plan writes an {spec.kind}, not a model; score the model it "
+                             "applies to (base+adapter) instead")
         device = pick_device(self.device)
         model = self.cache.model(dict(spec.config), source.label, device, DTYPES[self.dtype])
-        tokenizer = self.cache.tokenizer(spec.tokenizer_folder, source.label)
+        tokenizer = self.cache.tokenizer(spec.tokenizer, source.label)
         executor = Executor(compiled, device=self.options.device, budget=self.options.budget(compiled))
         stream_into(model, executor.run(), source.label)
         row = Row(source.label)
-        stop = eos_ids(model, tokenizer, generation_eos(spec.tokenizer_folder))
+        stop = eos_ids(model, tokenizer, generation_eos(spec.config_folder))
         with flushed_denormals():
             for name, task in zip(task_names(self.tasks), self.tasks):
                 row.scores[name] = score(model, tokenizer, task, device, self.batch_size, stop)
@@ -177,8 +180,8 @@ class Evaluator:
 
 
 def generation_eos(folder: str | None) -> Any:
-    """``eos_token_id`` of the generation_config.json next to the tokenizer (chat models often
-    list more end tokens there than in config.json), or None."""
+    """``eos_token_id`` of the config donor's generation_config.json (chat models often list more
+    end tokens there than in config.json), or None."""
     path = os.path.join(folder, "generation_config.json") if folder else ""
     try:
         with open(path, encoding="utf-8") as fh:

@@ -96,15 +96,21 @@ def stream_into(model: Any, tensors: Iterable[tuple[str, torch.Tensor]], label: 
     return unexpected
 
 
-def load_tokenizer(folder: str | None, label: str) -> Any:
-    """The tokenizer saved next to a model (tokenizer.json and its config files)."""
+def load_tokenizer(output: Any, label: str) -> Any:
+    """The tokenizer an output folder would get (a :class:`~mergekit_lite.io.vocab.TokenizerOutput`:
+    the donor's files, with any vocabulary edits), written to a temporary folder and loaded."""
+    import tempfile
+
+    from ..io.vocab import write_tokenizer
+
     tf = transformers()
-    if not folder:
-        raise MergeError(f"{label}: no tokenizer files to score with (the model folder has none)")
-    try:
-        return tf.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as exc:
-        raise MergeError(f"{label}: cannot load the tokenizer from {folder}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="mergekit-lite-tokenizer-") as tmp:
+        if not write_tokenizer(output, tmp):
+            raise MergeError(f"{label}: no tokenizer files to score with (the model folder has none)")
+        try:
+            return tf.AutoTokenizer.from_pretrained(tmp)
+        except (OSError, ValueError, TypeError) as exc:
+            raise MergeError(f"{label}: cannot load the tokenizer from {output.folder}: {exc}") from None
 
 
 class ModelCache:
@@ -122,8 +128,8 @@ class ModelCache:
             self._models[key] = build_model(config, label, device, dtype)
         return self._models[key]
 
-    def tokenizer(self, folder: str | None, label: str) -> Any:
-        key = folder or ""
+    def tokenizer(self, output: Any, label: str) -> Any:
+        key = repr(output)
         if key not in self._tokenizers:
-            self._tokenizers[key] = load_tokenizer(folder, label)
+            self._tokenizers[key] = load_tokenizer(output, label)
         return self._tokenizers[key]
