@@ -16,7 +16,7 @@ from mergekit_lite.cli import main  # noqa: E402
 from mergekit_lite.quality.evaluate import evaluate  # noqa: E402
 from mergekit_lite.quality.scoring import char_accuracy, exact_match, prediction  # noqa: E402
 
-from conftest import write_plan  # noqa: E402
+from conftest import REPO, write_plan  # noqa: E402
 from quality_helpers import save_successor, token_nll  # noqa: E402
 
 # (prompt, answer): the successor model continues 'b=' with 'xy' then stops, 'b:' with 'z\na…' (cut
@@ -194,3 +194,20 @@ def test_task_files_as_people_write_them(successor, tmp_path):
 
     (tmp_path / "chatty" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, VOCAB["q"]]}))
     assert evaluate([folder], [str(tmp_path / "t.jsonl")], device="cpu").rows[0].scores["t"]["exact_match"] == 1
+
+
+def test_a_merge_is_scored_with_the_tokenizer_its_output_would_get(tmp_path):
+    """tokenizer_source: union adds ft_chatml's two chat tokens: the tokenizer loaded for scoring
+    is the output's (258 tokens), not the base donor's files as they are."""
+    from mergekit_lite.merge import Options, compile_plan
+    from mergekit_lite.quality.hf import ModelCache
+
+    compiled = compile_plan(os.path.join(REPO, "merge_configs", "union.yml"), Options(), sink="emit")
+    tokenizer = ModelCache().tokenizer(compiled.outputs[0].tokenizer, "union")
+    # the example vocabularies leave id 3 unused: count rows by the largest id, not by len()
+    assert max(tokenizer.get_vocab().values()) + 1 == compiled.outputs[0].config["vocab_size"] == 258
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 257
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "<|im_start|>the model", "answer": "a"}) + "\n")
+    report = evaluate([os.path.join(REPO, "merge_configs", "union.yml")], [str(tmp_path / "chat.jsonl")],
+                      device="cpu")
+    assert report.rows[0].scores["chat"]["examples"] == 1
