@@ -16,6 +16,8 @@ Python API::
     moe = mergekit_lite.upcycle(base, [("math-ft", ["2 + 2"]), ("code-ft", ["def f():"])],
                                 gate_mode="cheap_embed")   # a mixture of experts (mergekit-moe)
     moe.save("out-moe/")
+    mergekit_lite.evaluate([base, merged], ["val.jsonl"])   # exact match side by side (transformers)
+    mergekit_lite.search("plan.yaml", ["val.jsonl"])        # the plan's search: section, best plan
 
 Why the exports are loaded on first use (PEP 562): importing torch takes seconds, and the command
 line imports this package before it can parse ``--help`` or answer ``mergekit-lite methods``; those
@@ -25,10 +27,37 @@ the API (and torch) the first time it is used. The errors are plain Python and a
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
-from typing import Any
+
+
+def _guard_start_up() -> None:
+    """When this process is the command line (``mergekit-*`` scripts, ``python -m mergekit_lite``),
+    a SIGINT or SIGTERM before the command line's own handlers are in place (while Python imports
+    the package) ends the process at once with 130/143 and one line, not a traceback; nothing has
+    been written yet. Library users' signal handling is left alone."""
+    import os
+    import signal
+
+    orig = getattr(sys, "orig_argv", [])
+    as_module = "-m" in orig[:-1] and orig[orig.index("-m") + 1] == __name__
+    prog = os.path.basename(sys.argv[0] if sys.argv else "")
+    if not (as_module or prog.startswith("mergekit-")):
+        return
+    prog = prog if prog.startswith("mergekit-") else "mergekit-lite"
+
+    def stop(signum: int, frame: object) -> None:
+        os.write(2, f"{prog}: stopped by {signal.Signals(signum).name} while starting\n".encode())
+        os._exit(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
+
+
+_guard_start_up()  # first of all, before any other import
+
+import importlib  # noqa: E402
+import types  # noqa: E402
+from typing import Any  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,6 +91,8 @@ _LAZY = {
     "METHODS": (".methods", "REGISTRY"),
     "load_plan": (".plan.schema", "load_plan"),
     "parse_plan": (".plan.schema", "parse_plan"),
+    "evaluate": (".quality.evaluate", "evaluate"),  # scoring needs the transformers extra
+    "search": (".quality.search", "search"),
 }
 
 __all__ = ["__version__", *_LAZY, "MergeError", "PlanError", "ModelNotFound", "TensorNotFound", "ShapeMismatch",

@@ -34,7 +34,7 @@ from .adapted import ConstantSource, DeltaSource, load, placements
 from .adapter_nodes import Factorise, Manifest, MapValues, StackLora
 from .dtypes import parse_dtype
 from .errors import MergeError, PlanError
-from .graph import Compiled, FileSource, OutputSpec, StepCompiler, assemble, step_seed
+from .graph import Compiled, FileSource, OutputSpec, StepCompiler, assemble, input_paths, step_seed
 from .io.adapters import PREFIX, AdapterFiles, Placement
 from .io.vocab import TokenizerOutput
 from .io.writer import PlannedTensor, ShardLayout
@@ -95,7 +95,7 @@ def compile_adapter_output(recipe: Recipe, files: Mapping[str, Any], *, seed: in
     spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config,
                       TokenizerOutput(None), None, card, manifest)
     return Compiled(recipe, graph, groups, needs, comp.layout, (spec,), step_summaries(recipe, {"": comp}),
-                    tuple(recipe.warnings) + tuple(warnings))
+                    tuple(recipe.warnings) + tuple(warnings), input_paths(files))
 
 
 def _check_kinds(step: MergePlan, adapters: Mapping[ModelRef, AdapterFiles]) -> str:

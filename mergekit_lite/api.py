@@ -198,19 +198,20 @@ class Expr:
     # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
-             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None, block_size=None):
-        """Run the merge into the folder `out`, then publish it to the Hub repo `upload` if given; returns its Stats."""
-        options = Options(device=device, max_memory=max_memory, max_shard_size=max_shard_size,
-                          overwrite=overwrite, quiet=quiet, seed=seed, dtype=dtype, upload=upload, block_size=block_size)
+             seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None,
+             force_overwrite: bool = False, resume: bool = False, clamp_overflow: bool = False,
+             block_size: int | None = None):
+        """Run the merge into `out`, then upload it to the Hub repo `upload` if given (keywords: Options)."""
+        options = Options(**{k: v for k, v in locals().items() if k not in ("self", "out")})
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
-                     max_memory: str | int | None = None,
-                     seed: int | None = None, only: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     max_memory: str | int | None = None, seed: int | None = None, only: Iterable[str] | None = None,
+                     clamp_overflow: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(name, tensor)`` pairs of the merged model (CPU tensors) without writing files."""
         from .executor import Executor
 
-        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype)
+        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype, clamp_overflow=clamp_overflow)
         compiled = self._compile(options, sink="emit", only=only)
         yield from Executor(compiled, device=options.device, budget=options.budget(compiled)).run()
 

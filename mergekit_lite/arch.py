@@ -99,6 +99,28 @@ def detect(names: Iterable[str], config: dict[str, Any] | None = None) -> Archit
     return Architecture(prefix, num_layers, stacks, key, tied)
 
 
+def config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the config.json keys mergekit-lite interprets (model_type, architectures,
+    the layer counts, tie_word_embeddings, the text sub-configs), or None. Other keys are copied
+    as they are."""
+    if not isinstance(config.get("model_type", ""), str):
+        return f"model_type must be a string, got {config['model_type']!r:.40}"
+    arches = config.get("architectures", [])
+    if arches is not None and not (isinstance(arches, list) and all(isinstance(a, str) for a in arches)):
+        return f"architectures must be a list of class names, got {arches!r:.40}"
+    for sub in SUBCONFIGS:
+        if config.get(sub) is not None and not isinstance(config[sub], dict):
+            return f"{sub} must be an object, got {config[sub]!r:.40}"
+    for prefix, cfg in [("", config)] + [(f"{s}.", config[s]) for s in SUBCONFIGS if isinstance(config.get(s), dict)]:
+        for key in LAYER_COUNT_KEYS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                return f"{prefix}{key} must be a non-negative integer, got {v!r:.40}"
+        if not isinstance(cfg.get("tie_word_embeddings", False), bool):
+            return f"{prefix}tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r:.40}"
+    return None
+
+
 def get_tied(config: dict[str, Any]) -> bool:
     for cfg in [config] + [config.get(s) for s in SUBCONFIGS if isinstance(config.get(s), dict)]:
         if "tie_word_embeddings" in cfg:

@@ -1,7 +1,8 @@
-"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench|upload``.
+"""Command line: ``mergekit-lite run|plan|methods|examples|extract-lora|bench|upload|eval|search|demo-train``.
 
 Bad input (a wrong plan, a missing model or tensor, an existing output) prints a readable error
-and exits with status 2; nothing is left in the output folder. ``run`` also takes mergekit's flags
+and exits with status 2; nothing is left in the output folder; SIGINT/SIGTERM exit with 130/143
+after removing temporaries (:mod:`.cli_safety`). ``run`` also takes mergekit's flags
 (:mod:`.flags`; its handler is :func:`.dropin.run_command`, shared with ``mergekit-yaml``). Building
 the parser imports nothing heavy, so ``--help`` and ``methods`` answer at once.
 """
@@ -13,9 +14,8 @@ import json
 import os
 import sys
 
-from . import __version__
+from . import __version__, cli_safety
 from .dropin import refused_command
-from .errors import MergeError
 from .flags import Parser, add_flags
 
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard in bytes, Hugging Face's units: 5GB, 2GiB (mergekit's 1B, a count of "
                         "parameters, is --out-shard-size 1B) [5GB]")
     p.add_argument("--dtype", default=None, help="override the written dtype (float32, float16, bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and mergekit-lite wrote it")
+    cli_safety.add_run_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flags(p)
     from .hub_cli import add_upload_options, add_upload_parser
@@ -74,26 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
     add_arguments(p)
+    from .quality.cli import add_commands  # eval, search, demo-train
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv`` None: the process's own arguments, and this is its entry point).
+    Every failure is a message and an exit status (2; 130/143 for SIGINT/SIGTERM), see cli_safety."""
     refusal = refused_command(sys.argv[1:] if argv is None else argv)
     if refusal:
         print(f"mergekit-lite: error: {refusal}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except MergeError as exc:
-        print(f"mergekit-lite: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mergekit-lite: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return cli_safety.run(lambda: _dispatch(build_parser().parse_args(argv)), entry=argv is None)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from .quality.cli import handle
+
+    status = handle(args)
+    if status is not None:
+        return status
     if args.command == "run":
         from .dropin import run_command
 

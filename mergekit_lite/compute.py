@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 
 from . import methods, tiles
-from .dtypes import element_size, numel
+from .dtypes import all_finite, check_rounded, element_size, numel
 from .errors import MergeError
-from .nodes import NodeBase, Spec, all_finite, node_kind, row_count
+from .nodes import NodeBase, Spec, node_kind, row_count
 
 
 @node_kind
@@ -50,6 +50,8 @@ class Merge(NodeBase):
     first_row: int = 0
     whole_shape: tuple[int, ...] | None = None  # of the whole tensor, when this is a row block of it
     stats: Any = None  # the node giving the gathered statistic, when merged in row blocks
+    clamp: bool = False  # values that overflow `held_dtype` when rounded are clamped, not refused
+    section: str = "layer"  # where the tensor sits in the model (for sectioned methods)
 
     @property
     def args(self) -> tuple:
@@ -105,7 +107,6 @@ class Merge(NodeBase):
         method = methods.get(self.method)
         n = len(self.inputs) + (self.base is not None)
         size = numel(self.shape)
-        whole = numel(self.whole_shape or self.shape)
         locate = self.stats.source.statistic.piece_bytes(min(size, tiles.tile_numel(self.shape))) if self.stats else 0
         if not self.tiled:
             work = method.workspace_bytes(n, size)
@@ -124,6 +125,8 @@ class Merge(NodeBase):
         kwargs.update((method.param(name).pyname, list(vals)) for name, vals in self.model_params)
         if method.random:
             kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
+        if method.sectioned:
+            kwargs["section"] = self.section
         if self.tiled and ctx.device.type == "cpu":
             return self._run_tiled(ctx, method, args, stats, kwargs)
         moved = [ctx.on_device(a) for a in args]
@@ -136,6 +139,7 @@ class Merge(NodeBase):
             result = self._call(method.fn, moved, base, kwargs, self.shape)
             del moved, base
             out = result if self.held_dtype == torch.float32 else result.to(self.held_dtype)
+            check_rounded(result, out, self.tensor, self.clamp)
             del result
         return ctx.to_host(out) if out.device.type != "cpu" else out
 
@@ -156,7 +160,10 @@ class Merge(NodeBase):
                 kw = kwargs if stats is None else dict(kwargs, stats=stats.at((self.first_row + first) * row))
                 ins = [tiles.rows(t, first, stop) for t in args]
                 shape = (stop - first,) + self.shape[1:]
-                out[first:stop].copy_(self._call(method.fn, ins, tiles.rows(base, first, stop), kw, shape))
+                result = self._call(method.fn, ins, tiles.rows(base, first, stop), kw, shape)
+                out[first:stop].copy_(result)
+                if out.dtype != result.dtype:
+                    check_rounded(result, out[first:stop], self.tensor, self.clamp)
 
             tiles.for_tiles(ctx, self.shape, tile)
         return out

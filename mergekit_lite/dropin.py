@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from . import cli_safety
 from .errors import MergeError, PlanError
 from .flags import Parser, Settings, add_flags, apply_flags, report
 
@@ -37,7 +38,7 @@ REFUSED_COMMANDS.update({f"mergekit-{k}": v for k, v in list(REFUSED_COMMANDS.it
 # Options fields that mergekit-lite's own flags set; they win over the mergekit flag of the same
 # meaning (``run --seed 1 --random-seed 2`` seeds with 1).
 OWN_FIELDS = ("device", "max_memory", "max_shard_size", "dtype", "overwrite", "quiet", "seed", "endpoint", "block_size",
-              "max_device_memory")
+              "max_device_memory", "force_overwrite", "resume", "clamp_overflow")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -70,6 +71,7 @@ def add_own_options(p: argparse.ArgumentParser) -> None:
                        help="budget for tensor bytes alive at once, e.g. 8GB [auto]")
     group.add_argument("--max-shard-size", default=None, metavar="SIZE",
                        help="largest output shard in bytes, Hugging Face's units (5GB, 2GiB) [5GB]")
+    cli_safety.add_run_options(group)
 
 
 def options_for(args: argparse.Namespace, settings: Settings):
@@ -125,16 +127,10 @@ def run_command(args: argparse.Namespace) -> int:
     return run_plan(args.plan, args.out, options_for(args, settings))
 
 
-def guarded(prog: str, fn: Callable[[], int]) -> int:
-    """Run a command: a MergeError is printed for people and exits 2; Ctrl-C exits 130."""
-    try:
-        return fn()
-    except MergeError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+def guarded(prog: str, fn: Callable[[], int], entry: bool = False) -> int:
+    """Run a command as ``mergekit-lite`` runs its own (:mod:`.cli_safety`): a MergeError is printed
+    for people and exits 2; SIGINT/SIGTERM exit 130/143 after removing temporaries."""
+    return cli_safety.run(fn, entry=entry, prog=prog)
 
 
 # -- mergekit-yaml ------------------------------------------------------------------------------
@@ -151,7 +147,7 @@ def yaml_parser() -> Parser:
 
 def main_yaml(argv: list[str] | None = None) -> int:
     args = yaml_parser().parse_args(argv)
-    return guarded("mergekit-yaml", lambda: run_command(args))
+    return guarded("mergekit-yaml", lambda: run_command(args), entry=argv is None)
 
 
 # -- mergekit-multi -----------------------------------------------------------------------------
@@ -184,7 +180,7 @@ def main_multi(argv: list[str] | None = None) -> int:
             return 0
         return run_plan(recipe, out, options_for(args, settings))
 
-    return guarded("mergekit-multi", go)
+    return guarded("mergekit-multi", go, entry=argv is None)
 
 
 def has_model(folder: str) -> bool:

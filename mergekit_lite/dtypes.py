@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import MergeError
+
 # plan name -> torch dtype. mergekit accepts bfloat16|float16|float32|int64 with an optional
 # ``torch.`` prefix; we accept those plus a few common aliases.
 PLAN_DTYPES: dict[str, torch.dtype] = {
@@ -69,3 +71,32 @@ def element_size(dtype: torch.dtype) -> int:
 
 def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
+    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
+    checked entry by entry, in chunks so the boolean mask stays small."""
+    if tensor.numel() == 0 or not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
+
+
+def check_rounded(src: torch.Tensor, rounded: torch.Tensor, name: str, clamp: bool = False) -> None:
+    """The one rule for values as written: `rounded` (`src` rounded to the output dtype, or `src`
+    itself) must be finite. A finite value too large for the dtype rounds to inf: that is an error
+    naming the tensor, or, with `clamp`, it is replaced in `rounded` by the dtype's largest value
+    of the same sign. inf or NaN already in `src` is always an error."""
+    if all_finite(rounded):
+        return
+    if not all_finite(src):
+        raise MergeError(f"tensor {name} holds inf or NaN; check the inputs and the parameters for this tensor")
+    top = torch.finfo(rounded.dtype).max
+    if clamp:
+        rounded.nan_to_num_(nan=0.0, posinf=top, neginf=-top)  # no NaN: finite values round to ±inf at worst
+        return
+    largest = float(src.abs().max())
+    raise MergeError(f"tensor {name}: values up to {largest:.6g} overflow {dtype_name(rounded.dtype)} (largest "
+                     f"{top:.6g}) when rounded; write a wider dtype (--dtype float32), or clamp them to "
+                     f"±{top:.6g} with --clamp-overflow")

@@ -60,6 +60,38 @@ class OutputExists(MergeError):
     """The output folder exists and ``overwrite`` was not given."""
 
 
+class MalformedFile(ModelNotFound):
+    """A model file (safetensors, index, config) is not what it claims to be; the message names the
+    file and what is wrong (a subclass of ModelNotFound: the model cannot be opened)."""
+
+
+class UnsafeOutput(MergeError):
+    """An output folder would replace, contain or lie inside something that must not be touched: an
+    input model, the plan, the Hugging Face cache, or a folder mergekit-lite did not write."""
+
+
+class OutputError(MergeError):
+    """The output cannot be written: no space left, a read-only file system, no permission."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the run stops, removes its temporaries, and the command line exits
+    with 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def status(self) -> int:
+        return 128 + self.signum
+
+
+class MergeWarning(UserWarning):
+    """Something the user should know that does not stop the run (the command line prints it as
+    ``mergekit-lite: warning: ...``)."""
+
+
 def closest(word: str, known: Iterable[str]) -> str | None:
     """The known name `word` was probably meant to be: the same name in another case, else the
     nearest by spelling (difflib), else None. For "did you mean ...?" in messages."""

@@ -234,7 +234,11 @@ class GroupRun:
         def write() -> None:
             for event in downloads:  # results copied back from the device are complete
                 event.synchronize()
-            send()
+            try:
+                send()
+            except BaseException as exc:
+                self.res.budget.break_(exc)
+                raise
             self._done(sink, held)
 
         self.res.writes.append(self.res.writer.submit(write))
@@ -293,7 +297,7 @@ class GroupRun:
 
     def _done(self, sink: Any, held: int) -> None:
         self._alive(-held)
-        self.res.stats.count(written=sink.nbytes, tensors=1)
+        self.res.stats.count(written=sink.nbytes, tensors=int(getattr(sink, "last", True)))  # blocks: once
         self.res.on_written(sink)
         self._settle()
 
@@ -432,7 +436,7 @@ class _progress:
         from tqdm.auto import tqdm
 
         sinks = [n for _, nodes in compiled.groups for n in nodes if n.holds]
-        self.total = len(sinks)
+        self.total = sum(getattr(s, "last", True) for s in sinks)  # a tensor in row blocks counts once
         self.done = 0
         self.bar = tqdm(total=sum(s.nbytes for s in sinks), unit="B", unit_scale=True, desc="merging",
                         dynamic_ncols=True)
@@ -440,7 +444,7 @@ class _progress:
 
     def advance(self, sink: Any) -> None:
         with self._lock:
-            self.done += 1
+            self.done += getattr(sink, "last", True)
             self.bar.update(sink.nbytes)
             self.bar.set_postfix_str(f"{self.done}/{self.total} tensors", refresh=False)
 

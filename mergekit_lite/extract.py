@@ -28,7 +28,7 @@ from .adapter_output import ONE_FILE, AdapterResult, target_modules
 from .arch import detect
 from .errors import MergeError, ShapeMismatch, TensorNotFound
 from .executor import Executor
-from .graph import Compiled, OutputSpec, assemble
+from .graph import Compiled, OutputSpec, assemble, input_paths
 from .io.adapters import PREFIX
 from .io.inputs import open_one
 from .io.reader import ModelFiles
@@ -148,7 +148,7 @@ def _compile(base_name: str, ft_name: str, base: ModelFiles, ft: ModelFiles, kin
                     "difference from its base by a truncated SVD of each linear weight's delta.")
     spec = OutputSpec("", "adapter", tuple(planned), ShardLayout(planned, ONE_FILE, "adapter_model"), config,
                       TokenizerOutput(None), None, card, manifest)
-    return Compiled(None, graph, groups, needs, None, (spec,), ())
+    return Compiled(None, graph, groups, needs, None, (spec,), (), (), input_paths({"base": base, "ft": ft}))
 
 
 __all__ = ["extract_lora", "AdapterResult"]

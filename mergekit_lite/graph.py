@@ -1,4 +1,4 @@
-"""Compiling a recipe into the dependency graph of a merge: node records in a DAG (:class:`Dag`).
+"""Compiling a recipe into the dependency graph of a merge: node records in a networkx DAG.
 
 The compiler sees headers only: the runner has already resolved and opened every input
 (:func:`mergekit_lite.io.inputs.open_inputs`). Each step is expanded (:mod:`.plan.expand`) into
@@ -24,20 +24,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable, Mapping
 
+import networkx as nx
 import torch
 
 from . import methods
 from .adapted import AdaptedSource
 from .arch import detect
 from .blocks import BLOCK_NUMEL, stream
+from .compute import Merge
 from .dtypes import numel
 from .errors import MergeError, TensorNotFound
 from .io.reader import ModelFiles, TensorMeta
+from .io.vocab import TokenizerOutput, Vocab
 from .io.writer import PlannedTensor, ShardLayout, ShardLimit
 from .ledger import plan_peak
-from .compute import Merge
-from .dag import Dag
-from .io.vocab import TokenizerOutput, Vocab
 from .nodes import NODE_KINDS, AlignVocab, Emit, Load, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
@@ -185,7 +185,7 @@ class StepCompiler:
         if method.random:
             seeds = tuple(stable_seed(self.seed, self.plan.name or "", ot.name, str(i.ref)) for i in ot.inputs)
         return Merge(method.name, self.plan.name or "", ot.name, group, ins, base, ot.params, ot.model_params,
-                     seeds, ot.shape, ot.dtype, ot.dtype)
+                     seeds, ot.shape, ot.dtype, ot.dtype, section=ot.section)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,13 +213,14 @@ class Compiled:
     """A recipe ready to run: the graph, its groups in order with their planned peaks, the outputs."""
 
     recipe: Recipe
-    graph: Dag
+    graph: nx.DiGraph
     groups: tuple[tuple[str, tuple[Any, ...]], ...]  # (group, its nodes in execution order)
     needs: tuple[int, ...]  # planned peak bytes of each group (the ledger's dry run)
     layout: StepLayout  # of the output step
     outputs: tuple[OutputSpec, ...]
     steps: tuple[StepSummary, ...]
     warnings: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # every input model's folder (or file) and weight files: never written
 
     @property
     def max_need(self) -> int:
@@ -239,13 +240,14 @@ class Compiled:
 def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int | None = None,
                    dtype: torch.dtype | None = None, sink: str = "write", only: Iterable[str] | None = None,
                    max_shard_size: int | ShardLimit = 5 * 10**9, allow_crimes: bool = False,
-                   block_numel: int = BLOCK_NUMEL) -> Compiled:
+                   block_numel: int = BLOCK_NUMEL, clamp: bool = False) -> Compiled:
     """Build the graph of `recipe` over the opened `files` (``str(ModelRef)`` -> headers).
 
     `seed` overrides the plan's; `dtype` overrides the written dtype; `sink` is ``"write"`` (into
     the output folders) or ``"emit"`` (to Python); `only` restricts the output to these tensors;
     `allow_crimes` lets models of different architectures be merged (mergekit's --allow-crimes);
-    tensors with more than `block_numel` entries are streamed in row blocks (:mod:`.blocks`)."""
+    tensors with more than `block_numel` entries are streamed in row blocks (:mod:`.blocks`);
+    `clamp` clamps values that overflow the dtype they are rounded to (else they are an error)."""
     compilers = _compile_steps(recipe, files, seed, allow_crimes)
     final = compilers[recipe.output.name or ""]
     sinks, planned = _output_sinks(final, dtype, sink, only)
@@ -258,7 +260,7 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
     # a statistic over a whole step sees every tensor of it, even those not asked for (`only`)
     context = [final.node(t.name, t.name) for t in final.layout.tensors if only is not None and t.name not in only]
     try:
-        roots = stream(_decide_rounding(sinks), block_numel, context)
+        roots = stream(_decide_rounding(sinks, clamp), block_numel, context)
     except ValueError as exc:  # a statistic over the whole model whose tensors disagree
         raise MergeError(str(exc)) from None
     graph, groups, needs = assemble(roots)
@@ -266,10 +268,20 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
                   for key, (tensors, comp) in outputs.items())
     warnings = list(recipe.warnings) + [w for c in compilers.values() for w in c.layout.warnings]
     warnings += [w for c in compilers.values() if c.alignment is not None for w in c.alignment.warnings]
-    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings))
+    return Compiled(recipe, graph, groups, needs, final.layout, specs, step_summaries(recipe, compilers), tuple(warnings),
+                    input_paths(files))
 
 
-def assemble(roots: list[Any]) -> tuple[Dag, tuple, tuple[int, ...]]:
+def input_paths(files: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every opened input's folder (or single file) and weight files: what outputs keep away from."""
+    out: set[str] = set()
+    for m in files.values():
+        out.add(m.path)
+        out.update(getattr(m, "files", ()) or ())
+    return tuple(sorted(out))
+
+
+def assemble(roots: list[Any]) -> tuple[nx.DiGraph, tuple, tuple[int, ...]]:
     """The graph of everything `roots` (sinks, statistics' sweeps) need, its groups in execution
     order, and each group's planned peak (the ledger's dry run)."""
     graph = _build(roots)
@@ -338,9 +350,10 @@ def _save_sinks(comp: StepCompiler) -> list[Write]:
     return [comp.save_sinks[ot.name] for ot in comp.layout.tensors]
 
 
-def _decide_rounding(sinks: list[Any]) -> list[Any]:
+def _decide_rounding(sinks: list[Any], clamp: bool = False) -> list[Any]:
     """A merge consumed only by sinks is held in float32 (sinks round it, chunk by chunk, so no
-    rounded copy is ever whole in memory); every other merge rounds its result to its dtype."""
+    rounded copy is ever whole in memory); every other merge rounds its result to its dtype.
+    Whoever rounds (a merge, an Emit; a Write's writer) clamps overflowing values when `clamp`."""
     consumers: dict[Any, list[Any]] = {}
     graph = _build(sinks)
     for node in graph:
@@ -353,6 +366,8 @@ def _decide_rounding(sinks: list[Any]) -> list[Any]:
             if (isinstance(node, Merge) and node.dtype.is_floating_point
                     and all(isinstance(c, (Write, Emit)) for c in consumers[node])):
                 changes["held_dtype"] = _held_for_sinks(node, consumers[node])
+            if isinstance(node, (Merge, Emit)):
+                changes["clamp"] = clamp
             memo[node] = dataclasses.replace(node, **changes)
         return memo[node]
 
@@ -377,8 +392,8 @@ def _rebuilt(value: Any, rebuild: Any) -> Any:
     return value
 
 
-def _build(sinks: list[Any]) -> Dag:
-    graph = Dag()
+def _build(sinks: list[Any]) -> nx.DiGraph:
+    graph = nx.DiGraph()
     stack = list(sinks)
     seen: set[Any] = set()
     while stack:
@@ -393,7 +408,7 @@ def _build(sinks: list[Any]) -> Dag:
     return graph
 
 
-def order_groups(graph: Dag, roots: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
+def order_groups(graph: nx.DiGraph, roots: list[Any]) -> list[tuple[str, tuple[Any, ...]]]:
     """Execution order: groups in the order of their first root (sweeps, then the output order);
     inside a group, a depth-first post-order from its roots, so each tensor is read just before the
     merge that needs it and an earlier step's inputs are freed before a later step's are read.

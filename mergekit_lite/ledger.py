@@ -105,11 +105,14 @@ class Budget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.broken: BaseException | None = None  # a hand-off failed: what it held is never released
         self._cv = threading.Condition()
 
     def acquire(self, n: int, block: bool = True) -> bool:
         with self._cv:
             while self.used + n > self.limit:
+                if self.broken is not None:
+                    raise self.broken
                 if not block:
                     return False
                 self._cv.wait(0.1)
@@ -120,6 +123,13 @@ class Budget:
     def release(self, n: int) -> None:
         with self._cv:
             self.used -= n
+            self._cv.notify_all()
+
+    def break_(self, exc: BaseException) -> None:
+        """A hand-off failed (a full disk): waiting for its bytes would never end, so every wait
+        raises its error instead."""
+        with self._cv:
+            self.broken = exc
             self._cv.notify_all()
 
 

@@ -2,32 +2,40 @@
 
 This is the runner: it is the only place that turns options into a budget and a shard size,
 resolves and opens models (through :mod:`.io.inputs`) before the compiler sees their headers, and
-finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`.
+finishes each output folder from its :class:`~mergekit_lite.graph.OutputSpec`. It also checks,
+before anything is read, that the outputs keep away from the inputs and fit on disk, and computes
+the run's key for the resume journal (README, "Safety").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
+from . import __version__
 from .adapter_output import compile_adapter_output, write_adapter_config
-from .dtypes import parse_dtype
-from .errors import MergeError
-from .executor import Executor, Stats, auto_budget
 from .blocks import BLOCK_NUMEL
-from .graph import Compiled, OutputSpec, compile_recipe
+from .dtypes import parse_dtype
+from .errors import MergeError, MergeWarning
+from .executor import Executor, Stats, auto_budget, check_budget, pick_device
+from .graph import Compiled, Load, OutputSpec, Write, compile_recipe
 from .io.card import write_card
+from .io.folders import check_free_space, output_error, protected_paths
 from .io.hub import Upload, upload
 from .io.inputs import open_inputs
+from .io.journal import run_key
 from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
-from .io.vocab import write_tokenizer
+from .io.vocab import TOKENIZER_FILES, write_tokenizer
 from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
 from .plan.schema import Recipe, load_plan, parse_plan
 
@@ -56,6 +64,9 @@ class Options:
     allow_crimes: bool = False  # merge models of different architectures (their tensors must agree)
     block_size: str | int | None = None  # float32 bytes of a row block's largest value (None: 64 MiB)
     max_device_memory: str | int | None = None  # CUDA: device memory budget (None: 90% of what is free)
+    force_overwrite: bool = False  # replace OUT even if mergekit-lite did not write it (never an input)
+    resume: bool = False  # continue the interrupted run into OUT (same plan, inputs and engine)
+    clamp_overflow: bool = False  # clamp values that overflow the output dtype instead of refusing them
 
     def budget(self, compiled: Compiled) -> int:
         if self.max_memory is None or self.max_memory == "auto":
@@ -139,7 +150,7 @@ def compile_plan(plan: str | os.PathLike | Recipe, options: Options | None = Non
         return compile_adapter_output(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink)
     return compile_recipe(recipe, opened, seed=options.seed, dtype=options.torch_dtype(), sink=sink, only=only,
                           max_shard_size=options.shard_size(), allow_crimes=options.allow_crimes,
-                          block_numel=options.block_numel())
+                          block_numel=options.block_numel(), clamp=options.clamp_overflow)
 
 
 def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Options | None = None, **kwargs: Any) -> Stats:
@@ -148,7 +159,8 @@ def run(plan: str | os.PathLike | Recipe, out: str | os.PathLike, options: Optio
     Keyword arguments are :class:`Options` fields (``device``, ``max_memory``, ``max_shard_size``,
     ``overwrite``, ``quiet``, ``seed``, ``dtype`` (a string or a torch dtype), ``out_shard_size``,
     ``copy_tokenizer``, ``write_model_card``, ``allow_crimes``, ``endpoint``, ``upload``: a Hub repo
-    to publish the finished folder to, ``block_size``). Returns the run's :class:`Stats`.
+    to publish the finished folder to, ``block_size``, and the safety options ``force_overwrite``,
+    ``resume``, ``clamp_overflow`` (README, "Safety")). Returns the run's :class:`Stats`.
     """
     options = options or Options(**kwargs)
     compiled = compile_plan(plan, options)
@@ -167,27 +179,115 @@ def publish(out: str | os.PathLike, target: Upload | str | None, options: Option
 
 
 def execute(compiled: Compiled, out: str, options: Options) -> Stats:
-    """Execute a compiled recipe into `out` (and into the folders of steps with ``save:``)."""
+    """Execute a compiled recipe into `out` (and into the folders of steps with ``save:``).
+
+    Before anything is read: the device and budget are checked, every output folder is checked
+    against the inputs, the plan and the Hugging Face cache, and the free space against the bytes
+    to write. Each folder is written through an :class:`OutputFolder` (a temporary folder with a
+    resume journal, committed with the marker last); with ``resume``, tensors an interrupted run
+    already wrote are not computed again."""
+    device = pick_device(options.device)
     budget = options.budget(compiled)
+    check_budget(compiled, budget)
+    key = run_key_of(compiled, options, device)
+    folders = output_folders(compiled, out, options, key)
+    if options.resume and all(f.complete() for f in folders.values()):
+        _note(f"{out} already holds the result of this run; nothing to do")
+        return Stats(budget=budget, device=str(device))
     with ExitStack() as stack:
-        folders = {spec.key: stack.enter_context(OutputFolder(spec.key or out, options.overwrite))
-                   for spec in compiled.outputs}
+        for folder in folders.values():
+            stack.enter_context(folder)
+            for text in folder.notes:
+                _note(text)
+        check_free_space({f.out: bytes_to_write(spec, f.done) for spec, f in _pairs(compiled, folders)})
         writers = {}
-        for spec in compiled.outputs:
-            writer = ShardedWriter(folders[spec.key].tmp, spec.layout)
+        for spec, folder in _pairs(compiled, folders):
+            writer = ShardedWriter(folder.tmp, spec.layout, clamp=options.clamp_overflow, journal=folder.journal,
+                                   done=folder.done, label=folder.out)
             stack.callback(writer.close)
             writers[spec.key] = writer
-        executor = Executor(compiled, device=options.device, budget=budget, writers=writers,
+        remaining = skip_written(compiled, {k: f.done for k, f in folders.items()})
+        executor = Executor(remaining, device=device, budget=budget, writers=writers,
                             progress=not options.quiet, read_threads=options.read_threads,
                             device_budget=options.device_budget())
         stats = executor.execute()
-        for spec in compiled.outputs:
+        for spec, folder in _pairs(compiled, folders):
             writers[spec.key].finish()
-            finish_folder(folders[spec.key].tmp, spec, options, os.path.basename(os.path.normpath(spec.key or out)))
+            try:
+                finish_folder(folder.tmp, spec, options, os.path.basename(os.path.normpath(spec.key or out)))
+            except OSError as exc:
+                raise output_error(exc, folder.out) from None
         for folder in folders.values():
-            folder.commit()
+            folder.commit({"version": __version__, "run_key": key})
     publish(out, options.upload, options)
     return stats
+
+
+def _pairs(compiled: Compiled, folders: dict[str, OutputFolder]) -> list[tuple[OutputSpec, OutputFolder]]:
+    return [(spec, folders[spec.key]) for spec in compiled.outputs]
+
+
+def _note(text: str) -> None:
+    warnings.warn(text, MergeWarning, stacklevel=3)
+
+
+def output_folders(compiled: Compiled, out: str, options: Options, key: str) -> dict[str, OutputFolder]:
+    """One checked OutputFolder per output (nothing is written yet): keyed like the outputs."""
+    protected = protected_paths(compiled.inputs, compiled.recipe.file if compiled.recipe else None)
+    paths = {spec.key: spec.key or out for spec in compiled.outputs}
+    folders = {}
+    for k, path in paths.items():
+        others = tuple(p for other, p in paths.items() if other != k)
+        folders[k] = OutputFolder(path, options.overwrite, force=options.force_overwrite, protected=protected,
+                                  others=others, key=key, resume=options.resume)
+    return folders
+
+
+def run_key_of(compiled: Compiled, options: Options, device: torch.device) -> str:
+    """The key of a run's resume journal: what the written bytes depend on (see io/journal.py)."""
+    parts = {
+        "plan": compiled.recipe.text if compiled.recipe else "",
+        "options": [options.seed, str(options.dtype), options.clamp_overflow],
+        "layouts": {spec.key: [hashlib.sha256(s.header).hexdigest() for s in spec.layout.shards]
+                    for spec in compiled.outputs},
+        "outputs": [[spec.kind, spec.card.plan_text if spec.card else "", spec.config] for spec in compiled.outputs],
+        "engine": [__version__, torch.__version__, torch.get_num_threads(), device.type],
+    }
+    return run_key(parts, {n.file for n in compiled.graph if isinstance(n, Load)})
+
+
+def bytes_to_write(spec: OutputSpec, done: set[str]) -> int:
+    """Bytes an output folder still needs: its shards (less the tensors already written), and a
+    margin for the config, tokenizer and card."""
+    layout = spec.layout
+    total = layout.total_size + sum(len(s.header) for s in layout.shards)
+    total -= sum(layout.where[n][2].nbytes for n in done if n in layout.where)
+    folder = spec.tokenizer.folder
+    tokenizer = [os.path.join(folder, n) for n in TOKENIZER_FILES] if folder else []
+    return total + sum(os.path.getsize(p) for p in tokenizer if os.path.isfile(p)) + (64 << 10)
+
+
+def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
+    """`compiled` without the groups whose every write is already on disk (a resumed run), unless a
+    kept group consumes one of their values (a statistic's sweeps, a shared intermediate merge); the
+    graph keeps only the kept groups' nodes, so no value waits for a consumer that will not run."""
+    if not any(done.values()):
+        return compiled
+    graph, keep, kept_nodes = compiled.graph, [], set()
+    for i in reversed(range(len(compiled.groups))):
+        nodes = compiled.groups[i][1]
+        written = all(n.tensor in done.get(n.output, ()) for n in nodes if isinstance(n, Write))
+        if not written or any(s in kept_nodes for n in nodes for s in graph.successors(n)):
+            keep.append(i)
+            kept_nodes.update(nodes)
+    keep.reverse()
+    if len(keep) < len(compiled.groups):
+        planned = [(spec.key, name) for spec in compiled.outputs for name in spec.layout.where]
+        written = sum(name in done.get(key, ()) for key, name in planned)
+        _note(f"resuming: {written} of {len(planned)} tensors were already written")
+    return dataclasses.replace(compiled, graph=graph.subgraph(kept_nodes).copy(),
+                               groups=tuple(compiled.groups[i] for i in keep),
+                               needs=tuple(compiled.needs[i] for i in keep))
 
 
 def finish_folder(folder: str, spec: OutputSpec, options: Options | None = None, name: str = "") -> None:

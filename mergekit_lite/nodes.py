@@ -34,7 +34,7 @@ from typing import Any, Union
 
 import torch
 
-from .dtypes import element_size, numel
+from .dtypes import check_rounded, element_size, numel
 
 NODE_KINDS: dict[str, type] = {}
 
@@ -107,16 +107,6 @@ def stable_seed(*parts: object) -> int:
     """A 63-bit seed from the parts' text; the same on every machine and process (unlike hash())."""
     digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No inf/NaN. An inf or NaN entry makes the sum inf or NaN, so a finite sum settles it in one
-    cheap pass; only a non-finite sum (which finite entries could also give, by overflow) is
-    checked entry by entry, in chunks so the boolean mask stays small."""
-    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
-        return True
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 22))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +283,7 @@ class Emit(_Sink):
     value: Any
     dtype: torch.dtype
     group: str
+    clamp: bool = False  # as Merge.clamp
 
     @property
     def outputs(self) -> tuple[Spec, ...]:
@@ -306,7 +297,9 @@ class Emit(_Sink):
         return dataclasses.replace(self, value=args[0], group=group)
 
     def run(self, ctx: Any, args: list) -> None:
-        ctx.emit(self, self.tensor, args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype))
+        value = args[0] if args[0].dtype == self.dtype else args[0].to(self.dtype)
+        check_rounded(args[0], value, self.tensor, self.clamp)
+        ctx.emit(self, self.tensor, value)
 
 
 Node = Union[Load, Pick]  # and the computing kinds of :mod:`mergekit_lite.compute`
@@ -322,5 +315,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(compute, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 Sink = Union[Write, Emit]
 SINK_KINDS = (Write, Emit)

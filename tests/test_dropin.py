@@ -78,10 +78,14 @@ def test_multi_lazy_reuses_an_intermediate_already_on_disk(models, tmp_path):
         "model: soup", f"model: {models['paths']['a']}"), "final.yml")
     mergekit_lite.run(final_on_c, str(tmp_path / "expected"))
     assert same(str(tmp_path / "two"), str(tmp_path / "expected"))
-    # --no-lazy merges it again: an existing folder is then replaced only with --overwrite
+    # --no-lazy merges it again: an existing folder is then replaced only with --overwrite, and this
+    # one (a copy of another model) only with --force-overwrite, since mergekit-lite did not write it (issue 13)
     assert main_multi([recipe, "--out-path", str(tmp_path / "three"), "-I", str(inter), "--no-lazy", "--quiet"]) == 2
     assert main_multi([recipe, "--out-path", str(tmp_path / "three"), "-I", str(inter), "--no-lazy", "--quiet",
-                       "--overwrite"]) == 0
+                       "--overwrite"]) == 2
+    assert same(str(inter / "soup"), models["paths"]["a"])  # untouched
+    assert main_multi([recipe, "--out-path", str(tmp_path / "three"), "-I", str(inter), "--no-lazy", "--quiet",
+                       "--force-overwrite"]) == 0
     assert same(str(tmp_path / "three"), str(tmp_path / "one"))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mergekit_lite
-from mergekit_lite.errors import BudgetExceeded, ModelNotFound, OutputExists, ShapeMismatch, TensorNotFound
+from mergekit_lite.errors import (BudgetExceeded, ModelNotFound, OutputExists, ShapeMismatch, TensorNotFound,
+                                  UnsafeOutput)
 from mergekit_lite.examples import LLAMA_CONFIG, save_model
 from mergekit_lite.executor import Executor
 from mergekit_lite.graph import Load, Merge, describe
@@ -122,7 +123,11 @@ def test_existing_output_is_refused_and_untouched(models, tmp_path, out_dir):
     with pytest.raises(OutputExists, match="already exists.*--overwrite"):
         mergekit_lite.run(ta_plan(tmp_path, models["paths"]), out_dir)
     assert os.listdir(out_dir) == ["keep.txt"]
-    mergekit_lite.run(ta_plan(tmp_path, models["paths"]), out_dir, overwrite=True)
+    # issue 13: --overwrite replaces only folders mergekit-lite wrote; another folder needs force_overwrite
+    with pytest.raises(UnsafeOutput, match="not written by mergekit-lite.*--force-overwrite"):
+        mergekit_lite.run(ta_plan(tmp_path, models["paths"]), out_dir, overwrite=True)
+    assert os.listdir(out_dir) == ["keep.txt"]
+    mergekit_lite.run(ta_plan(tmp_path, models["paths"]), out_dir, force_overwrite=True)
     assert "keep.txt" not in os.listdir(out_dir) and "model.safetensors" in os.listdir(out_dir)
 
 

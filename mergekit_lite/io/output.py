@@ -19,6 +19,8 @@ import re
 import shutil
 from typing import Any, Iterable
 
+from .reader import check_inside
+
 _MODULE = re.compile(r"^[A-Za-z_]\w*$")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_]\w*)?\s+import\s+(.+)$", re.MULTILINE)
 
@@ -34,6 +36,7 @@ def write_config(folder: str, config: dict[str, Any]) -> None:
 def copy_generation_config(src_folder: str | None, folder: str) -> bool:
     src = os.path.join(src_folder, "generation_config.json") if src_folder else ""
     if src and os.path.isfile(src):
+        check_inside(src, src_folder)  # a link out of the model folder is never followed
         shutil.copyfile(src, os.path.join(folder, "generation_config.json"))
         return True
     return False

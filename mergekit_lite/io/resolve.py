@@ -35,11 +35,32 @@ HUB_PATTERNS = [
     "*.py",
     "README.md",
 ]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hugging Face's rules: org/name, each part 1-96 characters of letters, digits, '_', '-' and '.',
+# starting and ending with a letter, digit or '_', without '--' or '..'.
+_PART = r"\w(?:[\w.-]{0,94}\w)?"
+_REPO_ID = re.compile(rf"^{_PART}/{_PART}$", re.ASCII)
+# A branch, tag, commit or refs/pr/N: no '..', no leading '/', '-' or '.', no trailing '/'.
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*//)[\w][\w./-]{0,199}(?<!/)$", re.ASCII)
+
+
+def hf_cache_dirs() -> list[str]:
+    """The Hugging Face folders (HF_HOME, and the hub cache when set apart), as huggingface_hub
+    finds them from the environment: inputs may live there, outputs never go there."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return [os.path.abspath(os.path.expanduser(d)) for d in dict.fromkeys((home, hub))]
 
 
 def looks_like_repo_id(path: str) -> bool:
-    return bool(_REPO_ID.match(path)) and not path.startswith((".", "/", "~"))
+    return bool(_REPO_ID.match(path)) and "--" not in path and ".." not in path
+
+
+def check_revision(ref: str, revision: str | None) -> None:
+    """Refuse a revision that is not a plain branch, tag or commit name, before any download."""
+    if revision is not None and not (_REVISION.match(revision) and not revision.endswith(".lock")):
+        raise ModelNotFound(f"{ref}: '{revision}' is not a valid revision (a branch, tag or commit: letters, "
+                            "digits, '_', '-', '.', '/', without '..')")
 
 
 @dataclass(frozen=True)
@@ -85,8 +106,9 @@ def locate_model(path: str, revision: str | None = None, plan_dir: str | None = 
             return Located(cand)
     if not looks_like_repo_id(path):
         looked = " and ".join(os.path.abspath(c) for c in candidates)
-        raise ModelNotFound(f"model '{path}' not found: no such file or folder ({looked}), and it is not a "
-                            "Hugging Face repo id (org/name)")
+        raise ModelNotFound(f"model '{path[:200]}' not found: no such file or folder ({looked[:400]}), and it is "
+                            "not a Hugging Face repo id (org/name)")
+    check_revision(path, revision)
     url = endpoint_url(endpoint)
     folder = download(path, revision, url, ADAPTER_FILES if adapter else None)
     commit = os.path.basename(os.path.normpath(folder))

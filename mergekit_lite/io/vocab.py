@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..errors import ModelNotFound
+from .reader import check_inside
 
 # what a tokenizer is made of, copied from the tokenizer's donor
 TOKENIZER_FILES = (
@@ -140,6 +141,7 @@ def write_tokenizer(out: TokenizerOutput, folder: str) -> list[str]:
         for name in TOKENIZER_FILES:
             src = os.path.join(out.folder, name)
             if os.path.isfile(src):
+                check_inside(src, out.folder)  # a link out of the model folder is never followed
                 shutil.copyfile(src, os.path.join(folder, name))
                 written.append(name)
     if out.added or out.keep_below is not None:

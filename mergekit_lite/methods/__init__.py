@@ -16,6 +16,10 @@ Call convention::
 - random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
 - methods that declare a ``statistic`` also receive ``stats``: None when called on whole tensors
   (the method gathers it itself), else what the statistic gives for this piece (:mod:`.stats`).
+- methods registered with ``sectioned=True`` also receive ``section``: where the tensor sits in the
+  model, as :mod:`mergekit_lite.arch` tells from its name: ``"layer"`` (the main layer stack),
+  ``"stack"`` (another numbered stack), ``"pre"`` (embeddings) or ``"post"`` (final norm, heads).
+  The methods that factor each layer's weight matrix (TSV, Iso-C) treat embeddings and heads apart.
 
 Methods must not modify their inputs in place: a loaded tensor may be shared with another consumer.
 
@@ -115,6 +119,7 @@ class Method:
     min_models: int = 1  # non-base inputs (every input when base == "none")
     max_models: int | None = None
     random: bool = False
+    sectioned: bool = False  # receives ``section`` (where the tensor sits in the model)
     paper: str = ""
     # Peak float32 temporaries beyond the inputs, in units of one output-sized float32 tensor,
     # as a function of the number of inputs (base included). Used by the memory budget.
@@ -176,7 +181,7 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", min_models: int = 1,
-             max_models: int | None = None, random: bool = False, paper: str = "",
+             max_models: int | None = None, random: bool = False, sectioned: bool = False, paper: str = "",
              checks: Callable[[dict], str | None] | tuple[Callable[[dict], str | None], ...] = (),
              shape: Callable[[list, Any, dict], tuple[int, ...]] | None = None,
              workspace: Callable[[int], float] | None = None, scratch: Callable[[int], int] | None = None,
@@ -193,18 +198,19 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
       statistic it then needs gathered first (:mod:`.stats`; the function receives ``stats``).
 
     Checked at import: the function's keyword-only parameters are exactly the declared params
-    (plus ``generators`` for random methods). Decision: a keyword-only parameter may have a default
-    in the signature (so the function reads well when called directly), but then it must equal the
-    Param's default; a required Param must have none. The executor always passes every declared
-    parameter, so the signature's defaults never decide a value in a merge: the Param's do.
+    (plus ``generators`` for random methods, ``section`` for sectioned ones). Decision: a
+    keyword-only parameter may have a default in the signature (so the function reads well when
+    called directly), but then it must equal the Param's default; a required Param must have none.
+    The executor always passes every declared parameter, so the signature's defaults never decide a
+    value in a merge: the Param's do.
     """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        _check_signature(name, fn, params, random, statistic is not None)
+        _check_signature(name, fn, params, random, statistic is not None, sectioned)
         REGISTRY[name] = Method(name=name, fn=fn, params=tuple(params), base=base, min_models=min_models,
-                                max_models=max_models, random=random, paper=paper,
+                                max_models=max_models, random=random, sectioned=sectioned, paper=paper,
                                 checks=checks if isinstance(checks, tuple) else (checks,),
                                 shape=shape or same_shape, workspace=workspace or (lambda n: 2.0),
                                 scratch=scratch or (lambda numel: 0), separable=separable, statistic=statistic)
@@ -214,9 +220,10 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
 
 
 def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...], random: bool,
-                     stats: bool) -> None:
+                     stats: bool, sectioned: bool = False) -> None:
     sig = inspect.signature(fn)
-    declared = {p.pyname for p in params} | ({"generators"} if random else set()) | ({"stats"} if stats else set())
+    declared = ({p.pyname for p in params} | ({"generators"} if random else set())
+                | ({"stats"} if stats else set()) | ({"section"} if sectioned else set()))
     taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
     if declared != taken:
         raise TypeError(f"merge method {name!r}: keyword parameters {sorted(taken)} "
@@ -284,3 +291,5 @@ from . import nearswap as _nearswap  # noqa: E402,F401
 from . import arcee_fusion as _arcee_fusion  # noqa: E402,F401
 from . import ram as _ram  # noqa: E402,F401
 from . import concat as _concat  # noqa: E402,F401
+from . import tsv as _tsv  # noqa: E402,F401
+from . import iso as _iso  # noqa: E402,F401

@@ -25,11 +25,15 @@ def _check(params: dict) -> str | None:
     return None
 
 
+MAX_ITER = 10_000  # far past convergence (a few steps); a larger count only makes a run never end
+
+
 @register(
     "karcher",
     params=(
         Param("weight", float, "model", default=1.0, doc="the model's mass in the mean (mergekit ignores weights)"),
-        Param("max_iter", int, "global", default=10, check=lambda v: None if v >= 1 else f"must be at least 1, got {v}",
+        Param("max_iter", int, "global", default=10,
+              check=lambda v: None if 1 <= v <= MAX_ITER else f"must be between 1 and {MAX_ITER}, got {v}",
               doc="most gradient steps"),
         Param("tol", float, "global", default=1e-5, check=positive, doc="stop when the step is shorter than this"),
     ),

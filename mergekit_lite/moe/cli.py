@@ -42,7 +42,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded("mergekit-moe", lambda: _run(args))
+    return guarded("mergekit-moe", lambda: _run(args), entry=argv is None)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, 
 from . import output_keys
 from .refs import OVERRIDE, read_ref
 from .source import Document, Path
+from .space import read_section
 
 STEP_KEYS = {
     "merge_method": "the merge method (required)",
@@ -50,6 +51,7 @@ STEP_KEYS = {
     "rank": "adapter outputs: rank of the re-factorised modules (default: the largest input rank)",
     "rank_error": "adapter outputs: per-module relative error target that picks each module's rank",
     "log_space": "IA3 adapter outputs: merge the logarithms of the scaling vectors",
+    "search": "parameters for mergekit-lite search to try (ignored by run)",
 }
 
 # mergekit keys that mergekit-lite recognises but does not support: key -> why it is refused. Each
@@ -96,6 +98,7 @@ STEP = Keys(tuple(STEP_KEYS), "unknown key '{key}'; allowed keys: {allowed}",
             refused=("modules",))
 RECIPE = Keys(("steps", "seed"), "unknown key '{key}' next to 'steps'; allowed: {allowed}")
 SLICE = Keys(("base_model", "parameters", "sources"), "unknown key '{key}' in a slice; allowed: {allowed}")
+MAX_COPIES = 64  # depth_upscale copies: SOLAR uses 2; a huge count would only exhaust memory
 UPSCALE = Keys(("model", "copies", "drop"), "unknown key '{key}'; allowed: {allowed}")
 
 
@@ -261,6 +264,16 @@ class StepParser:
             self.report((key,), f"{key} applies to slices plans (layer stacking); a models: merge merges every tensor")
         return ref
 
+    def search(self, key: str) -> tuple:
+        """The ``search:`` section (:mod:`mergekit_lite.plan.space`), checked against the step."""
+        if key not in self.data or self.method is None:
+            return ()
+        label = f"{self.data['name']}/" if isinstance(self.data.get("name"), str) else ""
+        self.warnings.append("the search: section is for mergekit-lite search; merging uses the plan's own "
+                             "parameters")
+        return read_section(self.data[key], self.method, self.data, self.doc.index, self.prefix,
+                            lambda path, message: self.report((key,) + path, message), label)
+
     # the step's keys in the order they are read (and their problems reported)
     READERS: dict[str, Callable[[StepParser, str], Any]] = {
         "merge_method": merge_method,
@@ -283,6 +296,7 @@ class StepParser:
         "depth_upscale": depth_upscale,
         "embed_source": donor,
         "head_source": donor,
+        "search": search,
     }
 
     def check_one_form(self) -> None:
@@ -358,10 +372,12 @@ class StepParser:
         else:
             ref = self.model_ref(path + ("model",), raw["model"])
         counts = {}
-        for key, lo, default in (("copies", 2, 2), ("drop", 0, 0)):
+        for key, lo, hi, default in (("copies", 2, MAX_COPIES, 2), ("drop", 0, None, 0)):
             v = raw.get(key, default)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 self.report(path + (key,), f"{key} must be an integer >= {lo}, got {v!r}")
+            elif hi is not None and v > hi:
+                self.report(path + (key,), f"{key} must be at most {hi} (each copy repeats every layer), got {v}")
             counts[key] = v
         if len(self.issues) > n_before or ref is None:
             return None

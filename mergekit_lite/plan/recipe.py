@@ -160,6 +160,7 @@ class MergePlan:
     embed_source: ModelRef | None = None
     head_source: ModelRef | None = None
     moe: MoESpec | None = None  # a mixture of experts built from dense models (mergekit-moe's config)
+    search: tuple = ()  # the ``search:`` section's Dimensions (plan/space.py); run ignores them
     expanded_from: str | None = None  # the short form this step was expanded from (for `plan`)
     output: str = "model"  # "model", or "adapter": the models are adapters of base_model, merged into one
     rank: int | None = None  # adapter outputs: rank of the re-factorised modules (default: the inputs')

@@ -18,6 +18,7 @@ by :mod:`~mergekit_lite.plan.moe` into a step of the same kind.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import replace
 
 from ..errors import Issue, PlanError
@@ -25,7 +26,7 @@ from .checks import value_is_conditional_list
 from .moe import MoEParser, is_moe
 from .parser import RECIPE, STEP_KEYS, UNSUPPORTED_KEYS, StepParser, check_seed
 from .recipe import DepthUpscale, InputModel, MergePlan, ModelRef, OutputSlice, Recipe, SliceSource
-from .source import Document, load_documents
+from .source import MAX_PLAN_BYTES, Document, load_documents
 
 __all__ = [
     "DepthUpscale", "InputModel", "MergePlan", "ModelRef", "OutputSlice", "Recipe", "SliceSource",
@@ -34,14 +35,16 @@ __all__ = [
 
 
 def load_plan(path: str | os.PathLike) -> Recipe:
-    """Read and validate a plan file."""
+    """Read and validate a plan file (a regular file of at most MAX_PLAN_BYTES)."""
     path = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise PlanError(Issue(path, None, "", "the plan is not a regular file"))
         with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+            text = fh.read(MAX_PLAN_BYTES + 1)
     except FileNotFoundError:
         raise PlanError(Issue(path, None, "", "the plan file does not exist")) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise PlanError(Issue(path, None, "", f"cannot read the plan file: {exc}")) from None
     return parse_plan(text, path)
 
