@@ -14,8 +14,8 @@
 An expression is only a description: nothing is read until :meth:`Expr.save`, :meth:`Expr.tensor`
 or :meth:`Expr.iter_tensors`. Every expression lowers to a mergekit-style YAML plan
 (:meth:`Expr.to_plan`); the plan is what runs, so an expression and its YAML give the same bits.
-Expressions are checked when they are built: models of different architectures or shapes, task
-vectors taken against different bases, or bad parameters raise at once.
+Expressions are checked when built: other architectures or shapes, task vectors against other bases
+or bad parameters raise at once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from . import methods
 from .errors import MergeError
+from .executor import Executor
 from .io.inputs import ModelFiles, open_located
 from .io.resolve import looks_like_repo_id
 from .lowering import Lowering, dump_plan
@@ -45,7 +46,6 @@ class Expr:
     _name: str | None = None
     _leaf = False  # a model on disk (lowers to its path)
 
-    # -- arithmetic ---------------------------------------------------------------------------
     def __sub__(self, other: Any) -> "TaskVector | Expr":
         if isinstance(other, TaskVector):
             return self + (-other)
@@ -84,7 +84,6 @@ class Expr:
         raise TypeError(f"cannot negate the model {self!r}: -θ is not a model. To remove what a fine-tune "
                         "learned, subtract its task vector: base - 0.5 * (finetuned - base)")
 
-    # -- methods ------------------------------------------------------------------------------
     def merge(self, method: str, others: "Expr | TaskVector | Sequence[Expr | TaskVector]" = (),
               **params: Any) -> "Expr":
         """Merge with a registered method. For methods with a base model (ties, slerp, dare_ties,
@@ -165,7 +164,6 @@ class Expr:
         self._name = name
         return self
 
-    # -- lowering -----------------------------------------------------------------------------
     def to_plan(self) -> str:
         """The equivalent mergekit-style YAML plan (several ``---`` documents when it has steps)."""
         return dump_plan(self)
@@ -181,7 +179,7 @@ class Expr:
         return out
 
     def _leaves(self) -> Iterator["Model"]:
-        raise NotImplementedError
+        raise NotImplementedError  # every kind of expression names its models
 
     def _compile(self, options: Options, **kwargs):
         return compile_plan(self.recipe(), options, plan_dir=os.getcwd(), files=self._files(), **kwargs)
@@ -195,25 +193,24 @@ class Expr:
             self._compile(Options())
         return self
 
-    # -- running ------------------------------------------------------------------------------
     def save(self, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str = "auto",
              max_shard_size: str | int = "5GB", max_memory: str | int | None = None, overwrite: bool = False,
              seed: int | None = None, quiet: bool = True, upload: "Upload | str | None" = None,
              force_overwrite: bool = False, resume: bool = False, clamp_overflow: bool = False,
-             block_size: int | None = None):
+             block_size: str | int | None = None, max_device_memory: str | int | None = None):
         """Run the merge into `out`, then upload it to the Hub repo `upload` if given (keywords: Options)."""
         options = Options(**{k: v for k, v in locals().items() if k not in ("self", "out")})
         return execute(self._compile(options), os.fspath(out), options)
 
     def iter_tensors(self, *, dtype: str | torch.dtype | None = None, device: str = "auto",
                      max_memory: str | int | None = None, seed: int | None = None, only: Iterable[str] | None = None,
-                     clamp_overflow: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                     clamp_overflow: bool = False, block_size: str | int | None = None,
+                     max_device_memory: str | int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(name, tensor)`` pairs of the merged model (CPU tensors) without writing files."""
-        from .executor import Executor
-
-        options = Options(device=device, max_memory=max_memory, seed=seed, dtype=dtype, clamp_overflow=clamp_overflow)
+        options = Options(**{k: v for k, v in locals().items() if k not in ("self", "only")})
         compiled = self._compile(options, sink="emit", only=only)
-        yield from Executor(compiled, device=options.device, budget=options.budget(compiled)).run()
+        yield from Executor(compiled, device=options.device, budget=options.budget(compiled),
+                            device_budget=options.device_budget()).run()
 
     def tensor(self, name: str, **options: Any) -> torch.Tensor:
         """One tensor of the merged model; only what it needs is read."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import BudgetExceeded, MergeError
-from .io.writer import human_size
+from .io.sizes import human_size
 from .ledger import Budget
 
 

@@ -111,7 +111,7 @@ def run_plan(plan: Any, out: str, options: Any) -> int:
     stats = execute(compiled, out, options)
     if not options.quiet:
         from .adapter_output import print_reports
-        from .io.writer import human_size
+        from .io.sizes import human_size
 
         print_reports(compiled)  # adapter outputs: each module's rank and error
         print(f"wrote {stats.tensors} tensors ({human_size(stats.bytes_written)}) to {out} in "

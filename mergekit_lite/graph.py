@@ -19,7 +19,6 @@ come from), so that nothing downstream digs through steps or plans again.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable, Mapping
@@ -41,6 +40,7 @@ from .ledger import plan_peak
 from .nodes import NODE_KINDS, AlignVocab, Emit, Load, NodeBase, Pick, Write, stable_seed
 from .plan.expand import OutputTensor, SourceInfo, StepLayout, TensorInfo, expand
 from .plan.schema import MergePlan, ModelRef, Recipe
+from .rounding import decide_rounding
 from .steps import (CardData, StepSummary, card_data, config_folder, consistent_config, output_tokenizer,
                     step_summaries)
 from .vocab import Alignment, align_step, members_of
@@ -260,7 +260,7 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
     # a statistic over a whole step sees every tensor of it, even those not asked for (`only`)
     context = [final.node(t.name, t.name) for t in final.layout.tensors if only is not None and t.name not in only]
     try:
-        roots = stream(_decide_rounding(sinks, clamp), block_numel, context)
+        roots = stream(decide_rounding(sinks, clamp), block_numel, context)
     except ValueError as exc:  # a statistic over the whole model whose tensors disagree
         raise MergeError(str(exc)) from None
     graph, groups, needs = assemble(roots)
@@ -348,48 +348,6 @@ def _save_sinks(comp: StepCompiler) -> list[Write]:
         if ot.name not in comp.save_sinks:
             comp.node(ot.name, f"{comp.plan.save}::{ot.name}")
     return [comp.save_sinks[ot.name] for ot in comp.layout.tensors]
-
-
-def _decide_rounding(sinks: list[Any], clamp: bool = False) -> list[Any]:
-    """A merge consumed only by sinks is held in float32 (sinks round it, chunk by chunk, so no
-    rounded copy is ever whole in memory); every other merge rounds its result to its dtype.
-    Whoever rounds (a merge, an Emit; a Write's writer) clamps overflowing values when `clamp`."""
-    consumers: dict[Any, list[Any]] = {}
-    graph = _build(sinks)
-    for node in graph:
-        consumers[node] = list(graph.successors(node))
-    memo: dict[Any, Any] = {}
-
-    def rebuild(node: Any) -> Any:
-        if node not in memo:
-            changes = {f.name: _rebuilt(getattr(node, f.name), rebuild) for f in dataclasses.fields(node)}
-            if (isinstance(node, Merge) and node.dtype.is_floating_point
-                    and all(isinstance(c, (Write, Emit)) for c in consumers[node])):
-                changes["held_dtype"] = _held_for_sinks(node, consumers[node])
-            if isinstance(node, (Merge, Emit)):
-                changes["clamp"] = clamp
-            memo[node] = dataclasses.replace(node, **changes)
-        return memo[node]
-
-    return [rebuild(s) for s in sinks]
-
-
-def _held_for_sinks(node: Merge, sinks: list[Any]) -> torch.dtype:
-    """A merge run in tiles rounds each tile to its sinks' dtype (when they share one): the same
-    bits as rounding the float32 result later, without holding it in float32. Any other merge
-    consumed only by sinks is held in float32; the sinks round it chunk by chunk."""
-    dtypes = {s.dtype for s in sinks}
-    if node.tiled and len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:
-        return dtypes.pop()
-    return torch.float32 if node.dtype != torch.float32 else node.dtype
-
-
-def _rebuilt(value: Any, rebuild: Any) -> Any:
-    if isinstance(value, NodeBase):
-        return rebuild(value)
-    if isinstance(value, tuple) and value and all(isinstance(v, NodeBase) for v in value):
-        return tuple(rebuild(v) for v in value)
-    return value
 
 
 def _build(sinks: list[Any]) -> nx.DiGraph:

@@ -26,7 +26,8 @@ from .adapter_output import compile_adapter_output, write_adapter_config
 from .blocks import BLOCK_NUMEL
 from .dtypes import parse_dtype
 from .errors import MergeError, MergeWarning
-from .executor import Executor, Stats, auto_budget, check_budget, pick_device
+from .executor import Executor, auto_budget, check_budget, pick_device
+from .run_stats import Stats
 from .graph import Compiled, Load, OutputSpec, Write, compile_recipe
 from .io.card import write_card
 from .io.folders import check_free_space, output_error, protected_paths
@@ -36,7 +37,8 @@ from .io.journal import run_key
 from .io.output import copy_custom_code, copy_generation_config, write_config
 from .io.reader import ModelFiles
 from .io.vocab import TOKENIZER_FILES, write_tokenizer
-from .io.writer import OutputFolder, ShardedWriter, ShardLimit, parse_count, parse_size
+from .io.sizes import parse_count, parse_size
+from .io.writer import OutputFolder, ShardedWriter, ShardLimit
 from .plan.schema import Recipe, load_plan, parse_plan
 
 DEFAULT_SHARD_SIZE = "5GB"

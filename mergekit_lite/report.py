@@ -12,7 +12,7 @@ from .errors import MergeError
 def plan_report(plan_path: str, *, device: str = "auto", max_memory=None, seed=None, as_json: bool = False,
                 block_size=None) -> str:
     from .graph import describe  # imported here: methods_report must not import torch
-    from .io.writer import human_size
+    from .io.sizes import human_size
     from .merge import Options, compile_plan
 
     options = Options(device=device, max_memory=max_memory, seed=seed, block_size=block_size)

@@ -12,7 +12,8 @@ from mergekit_lite.cli import build_parser
 from mergekit_lite.dropin import main_yaml, options_for, prepare, yaml_parser
 from mergekit_lite.errors import MergeError, PlanError
 from mergekit_lite.flags import FLAGS, Settings, apply_flags
-from mergekit_lite.io.writer import PlannedTensor, ShardLayout, ShardLimit, parse_count
+from mergekit_lite.io.sizes import parse_count
+from mergekit_lite.io.writer import PlannedTensor, ShardLayout, ShardLimit
 from mergekit_lite.merge import Options
 
 from conftest import REPO, load_dir

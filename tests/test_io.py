@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_lite.errors import ModelNotFound
 from mergekit_lite.io.reader import TensorReader, open_model, read_header
-from mergekit_lite.io.writer import OutputFolder, PlannedTensor, ShardedWriter, ShardLayout, parse_size
+from mergekit_lite.io.sizes import parse_size
+from mergekit_lite.io.writer import OutputFolder, PlannedTensor, ShardedWriter, ShardLayout
 
 from conftest import REPO
 

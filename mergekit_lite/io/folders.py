@@ -42,6 +42,7 @@ from typing import Iterable
 from ..errors import OutputError, UnsafeOutput
 from .reader import is_within
 from .resolve import hf_cache_dirs
+from .sizes import human_size
 
 MARKER_XATTR = "user.mergekit-lite"  # on every folder a run wrote: who wrote it and which files
 MARKER = "mergekit-lite.json"  # the same, as a file, where extended attributes are not available
@@ -288,7 +289,6 @@ def _device(folder: str) -> int | None:
 def check_free_space(needs: dict[str, int]) -> None:
     """Refuse a run whose outputs (folder -> bytes it will write) do not fit where they go; outputs
     on one file system are added up."""
-    from .writer import human_size
 
     by_device: dict[int | None, list[str]] = {}
     for folder in needs:
@@ -328,7 +328,6 @@ def _libc():
 
 def output_error(exc: OSError, folder: str, need: int | None = None) -> OutputError:
     """An OSError met while writing `folder`, as a message for people."""
-    from .writer import human_size
 
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
