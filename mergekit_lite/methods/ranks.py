@@ -157,16 +157,18 @@ class TensorTrim(_Trim):
         the sweeps for a model whose bracket missed; the norms for the l1 rescale."""
         pieces = pieces or [(None, None)]
         models = self.models()
-        passes = {i: Bracketed(list(self.cuts[i]), _sample(tensors[i], base)) for i in models}
+        each = pool.map if pool is not None else map  # models are independent: one per thread
+        passes = dict(each(lambda i: (i, Bracketed(list(self.cuts[i]), _sample(tensors[i], base))), models))
 
         def piece(first: int | None, stop: int | None) -> None:
             for _, _, ins, b, offset in _pieces(tensors, base, [(first, stop)]):
                 for i, tau in _task_vectors(ins, b, models):
                     passes[i].feed(offset, tau.abs_())
 
-        list(pool.map(lambda p: piece(*p), pieces)) if pool is not None else [piece(*p) for p in pieces]
+        list(each(lambda p: piece(*p), pieces))
+        finished = dict(each(lambda i: (i, passes[i].finish()), models))
         for i in models:
-            if not passes[i].finish():
+            if not finished[i]:
                 super().gather_model(i, tensors, base, pieces)
             if self.mode == "l1":
                 for _, _, ins, b, offset in _pieces(tensors, base, pieces):
