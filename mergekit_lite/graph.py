@@ -260,7 +260,7 @@ def compile_recipe(recipe: Recipe, files: Mapping[str, ModelFiles], *, seed: int
     # a statistic over a whole step sees every tensor of it, even those not asked for (`only`)
     context = [final.node(t.name, t.name) for t in final.layout.tensors if only is not None and t.name not in only]
     try:
-        roots = stream(decide_rounding(sinks, clamp), block_numel, context)
+        roots = stream(decide_rounding(sinks, _build(sinks), clamp), block_numel, context)
     except ValueError as exc:  # a statistic over the whole model whose tensors disagree
         raise MergeError(str(exc)) from None
     graph, groups, needs = assemble(roots)

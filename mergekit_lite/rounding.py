@@ -19,27 +19,11 @@ from .compute import Merge
 from .nodes import Emit, NodeBase, Write
 
 
-def _consumers(sinks: list[Any]) -> dict[Any, list[Any]]:
-    """Every node reachable from `sinks` -> the nodes that take its value (each once)."""
-    consumers: dict[Any, list[Any]] = {}
-    stack = list(sinks)
-    while stack:
-        node = stack.pop()
-        if node in consumers:
-            continue
-        consumers[node] = []
-        stack.extend(node.args)
-    for node in list(consumers):
-        for dep in dict.fromkeys(node.args):
-            consumers[dep].append(node)
-    return consumers
-
-
-def decide_rounding(sinks: list[Any], clamp: bool = False) -> list[Any]:
+def decide_rounding(sinks: list[Any], graph: Any, clamp: bool = False) -> list[Any]:
     """A merge consumed only by sinks is held in float32 (sinks round it, chunk by chunk, so no
     rounded copy is ever whole in memory); every other merge rounds its result to its dtype.
     Whoever rounds (a merge, an Emit; a Write's writer) clamps overflowing values when `clamp`."""
-    consumers = _consumers(sinks)
+    consumers = {node: list(graph.successors(node)) for node in graph}  # `graph`: what `sinks` need
     memo: dict[Any, Any] = {}
 
     def rebuild(node: Any) -> Any:
