@@ -79,6 +79,9 @@ def test_cli_and_api_take_block_size(tmp_path):
     (base + 0.5 * math).save(str(tmp_path / "api"), block_size=SMALL_BLOCKS)
     (base + 0.5 * math).save(str(tmp_path / "api-whole"))
     assert folder_digest(str(tmp_path / "api")) == folder_digest(str(tmp_path / "api-whole"))
+    streamed = dict((base + 0.5 * math).iter_tensors(block_size=SMALL_BLOCKS))
+    whole = dict((base + 0.5 * math).iter_tensors())
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
 
 
 def test_tiles_cover_every_row_once():
