@@ -9,7 +9,8 @@ Three parts, each with one job:
   that planned its peak: the ledger says which values are dead after each node, and the run frees
   them. It is also what nodes see while they run (device, reads, hand-offs, emitted results).
 - Sinks own their hand-off: a Write passes its tensor to the writer thread, an Emit to the caller
-  of :meth:`Executor.run`; when the group's last hand-off completes its reservation is returned.
+  of :meth:`Executor.run`. Once a group has run its reservation shrinks to what its pending
+  hand-offs hold; the last hand-off returns the rest.
 
 The executor knows nothing of a node's kind or a method's math: it calls the members every node
 kind declares (:mod:`.nodes`).
@@ -116,8 +117,11 @@ class GroupRun:
         self.values: dict[Any, Any] = {}
         self.emitted: list[tuple[Any, str, torch.Tensor, int]] = []
         self.moved: set[Any] = set()  # inputs whose bytes a sink's hold counts now (see _hold)
-        # the reservation is returned when every hand-off has completed and the group has run
+        # the reservation is returned as the group ends and its hand-offs complete (see _settle)
         self.pending = sum(1 for n in self.nodes if n.holds) + 1
+        self.holding = 0  # bytes held by hand-offs not completed yet
+        self.reserved = self.need  # of the budget, until the group has run (see _settle)
+        self.ran, self.carried_bytes = False, 0
         self._lock = threading.Lock()
         self.ledger.open(self.nodes, self.view.carried_in)
         for node in self.nodes:
@@ -236,7 +240,8 @@ class GroupRun:
         if self.res.link is not None:  # merged: its results are (on their way) to the host
             self.res.link.budget.release(self.need)
         self.res.stats.groups.append(GroupPeak(self.name, self.need, self.ledger.peak, self.meter.peak))
-        self._settle()
+        carried = sum(tensor_bytes(self.res.carried.get(n)) for n in self.view.carried_out)
+        self._settle(keep=carried)
 
     def cancel(self) -> None:
         for f in self.futures.values():
@@ -251,6 +256,8 @@ class GroupRun:
         whose last consumer is this sink moves into the hold (the group stops counting it when the
         ledger drops it), so a tensor read and written unchanged is never counted twice."""
         held = sum(tensor_bytes(self.values.get(d)) for d in sink.args) + tensor_bytes(own if sink.outputs else None)
+        with self._lock:
+            self.holding += held
         moved = [d for d in sink.args if self.ledger.remaining.get(d) == 1]
         self.moved.update(moved)
         self._alive(held - sum(tensor_bytes(self.values.get(d)) for d in moved))
@@ -260,14 +267,23 @@ class GroupRun:
         self._alive(-held)
         self.res.stats.count(written=sink.nbytes, tensors=int(getattr(sink, "last", True)))  # blocks: once
         self.res.on_written(sink)
-        self._settle()
+        self._settle(held=held)
 
-    def _settle(self) -> None:
+    def _settle(self, held: int = 0, keep: int | None = None) -> None:
+        """One hand-off completed (`held`: its bytes), or the group ran (`keep`: bytes of its values
+        later groups consume). Once the group has run, its reservation shrinks to what pending
+        hand-offs still hold and the carried values, so a slow writer does not hold back the next
+        groups by the whole planned peak; the last hand-off returns the rest."""
         with self._lock:
             self.pending -= 1
-            last = self.pending == 0
-        if last:
-            self.res.budget.release(self.need)
+            self.holding -= held
+            if keep is not None:
+                self.ran, self.carried_bytes = True, keep
+            target = self.reserved if not self.ran else min(self.reserved, self.holding + self.carried_bytes)
+            target = 0 if self.pending == 0 else target
+            freed, self.reserved = self.reserved - target, target
+        if freed > 0:
+            self.res.budget.release(freed)
 
 
 class _Measured:

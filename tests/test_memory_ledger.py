@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -232,3 +233,29 @@ def test_declared_workspace_covers_measured_allocations(name):
             if probe.peak > declared:
                 worst.append((rows, str(dtype), n, chosen, probe.peak / (rows * 1024), declared / (rows * 1024)))
     assert not worst, worst[:5]
+
+
+def test_a_group_that_has_run_keeps_only_what_its_pending_writes_hold(tmp_path):
+    """While the writer is still busy with a group's tensor, the group's reservation has already
+    shrunk from its planned peak to the bytes that write holds, so the next groups can be admitted
+    (a slow disk does not serialise reading and merging behind it)."""
+    compiled = compile_plan(os.path.join(CONFIGS, "ties.yml"), Options())
+    first_need = compiled.needs[0]
+    writer = ShardedWriter(str(tmp_path), compiled.outputs[0].layout)
+    executor = Executor(compiled, device="cpu", budget=2 * compiled.max_need, writers={"": writer})
+    seen = []
+    write = writer.write
+
+    def slow_write(name, tensor, *args):
+        if not seen:  # the first write waits until its group's reservation has shrunk, at most 5 s
+            deadline = time.time() + 5
+            while executor.budget.used >= first_need and time.time() < deadline:
+                time.sleep(0.005)
+            seen.append(executor.budget.used)
+        write(name, tensor, *args)
+
+    writer.write = slow_write
+    executor.execute()
+    writer.finish()
+    assert seen[0] < first_need, (seen, first_need)
+    assert executor.budget.used == 0  # every reservation returned in the end
