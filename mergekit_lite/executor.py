@@ -265,7 +265,7 @@ class GroupRun:
 
     def _done(self, sink: Any, held: int) -> None:
         self._alive(-held)
-        self.res.stats.count(written=sink.nbytes, tensors=int(getattr(sink, "last", True)))  # blocks: once
+        self.res.stats.count(written=sink.nbytes, tensors=int(sink.last))
         self.res.on_written(sink)
         self._settle(held=held)
 

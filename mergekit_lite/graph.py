@@ -407,7 +407,7 @@ def describe(compiled: Compiled) -> dict[str, Any]:
     merges = {(m.step, m.tensor, m.group.split("#")[0]): m for m in kinds["Merge"]}  # blocks counted once
     per_tensor = [len(n.inputs) + (n.base is not None) for n in merges.values()]
     return {
-        "output_tensors": len([w for w in sinks if getattr(w, "output", "") == "" and getattr(w, "last", True)]),
+        "output_tensors": len([w for w in sinks if getattr(w, "output", "") == "" and w.last]),
         "loads": len(kinds["Load"]),
         "merges": len(merges),
         "blocks": len(compiled.groups),

@@ -278,8 +278,8 @@ def skip_written(compiled: Compiled, done: dict[str, set[str]]) -> Compiled:
     graph, keep, kept_nodes = compiled.graph, [], set()
     for i in reversed(range(len(compiled.groups))):
         nodes = compiled.groups[i][1]
-        written = all(n.tensor in done.get(n.output, ()) for n in nodes if isinstance(n, Write))
-        if not written or any(s in kept_nodes for n in nodes for s in graph.successors(n)):
+        on_disk = all(n.tensor in done.get(n.output, ()) for n in nodes if isinstance(n, Write))
+        if not on_disk or any(s in kept_nodes for n in nodes for s in graph.successors(n)):
             keep.append(i)
             kept_nodes.update(nodes)
     keep.reverse()

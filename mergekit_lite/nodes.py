@@ -230,6 +230,7 @@ class AlignVocab(NodeBase):
 
 class _Sink(NodeBase):
     holds = True
+    last = True  # the tensor's last (or only) piece: a tensor written in row blocks counts once
     value: Any
     dtype: torch.dtype
 

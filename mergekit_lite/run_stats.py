@@ -54,7 +54,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         sinks = [n for _, nodes in compiled.groups for n in nodes if n.holds]
-        self.total = sum(getattr(s, "last", True) for s in sinks)  # a tensor in row blocks counts once
+        self.total = sum(s.last for s in sinks)
         self.done = 0
         self.bar = tqdm(total=sum(s.nbytes for s in sinks), unit="B", unit_scale=True, desc="merging",
                         dynamic_ncols=True)
@@ -62,7 +62,7 @@ class Progress:
 
     def advance(self, sink: Any) -> None:
         with self._lock:
-            self.done += getattr(sink, "last", True)
+            self.done += sink.last
             self.bar.update(sink.nbytes)
             self.bar.set_postfix_str(f"{self.done}/{self.total} tensors", refresh=False)
 
