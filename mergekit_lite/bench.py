@@ -133,7 +133,8 @@ def _plan_single(method: str, paths: dict[str, str], n: int, dtype: str) -> str:
         return f"merge_method: linear\nmodels:\n{models}dtype: {dtype}\n"
     params = {"ties": "weight: 1.0, density: 0.5", "dare_ties": "weight: 1.0, density: 0.5",
               "dare_linear": "weight: 1.0, density: 0.5", "task_arithmetic": "weight: 0.5",
-              "breadcrumbs": "weight: 1.0, density: 0.9, gamma: 0.01"}.get(method, "weight: 1.0")
+              "breadcrumbs": "weight: 1.0, density: 0.9, gamma: 0.01",
+              "della": "weight: 1.0, density: 0.5", "della_linear": "weight: 1.0, density: 0.5"}.get(method, "weight: 1.0")
     models = "".join(f"  - model: {p}\n    parameters: {{{params}}}\n" for p in fts)
     return f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n{models}dtype: {dtype}\n"
 

@@ -20,6 +20,7 @@ import torch
 from . import methods, tiles
 from .dtypes import all_finite, check_rounded, element_size, numel
 from .errors import MergeError
+from .methods.draws import Draws
 from .nodes import NodeBase, Spec, node_kind, row_count
 
 
@@ -84,7 +85,16 @@ class Merge(NodeBase):
     def statistic(self) -> Any:
         """A fresh statistic for this tensor (None when the method needs none)."""
         factory = methods.get(self.method).statistic
-        return factory(self.param_values(), self.whole_shape or self.shape) if factory else None
+        if not factory:
+            return None
+        values = self.param_values()
+        if self.seeds is not None:
+            values["draws"] = self.draws(0)
+        return factory(values, self.whole_shape or self.shape)
+
+    def draws(self, offset: int) -> list[Draws]:
+        """Each input's random draws from the whole tensor's flat index `offset` on."""
+        return [Draws(seed, offset) for seed in self.seeds]
 
     @property
     def split_rows(self) -> int | None:
@@ -124,7 +134,7 @@ class Merge(NodeBase):
         kwargs: dict[str, Any] = {method.param(name).pyname: value for name, value in self.params}
         kwargs.update((method.param(name).pyname, list(vals)) for name, vals in self.model_params)
         if method.random:
-            kwargs["generators"] = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
+            kwargs["draws"] = self.draws(self.first_row * numel(self.shape[1:]))
         if method.sectioned:
             kwargs["section"] = self.section
         if self.tiled and ctx.device.type == "cpu":
@@ -157,7 +167,10 @@ class Merge(NodeBase):
                     ordered=True)
 
             def tile(first: int, stop: int) -> None:
-                kw = kwargs if stats is None else dict(kwargs, stats=stats.at((self.first_row + first) * row))
+                offset = (self.first_row + first) * row
+                kw = kwargs if stats is None else dict(kwargs, stats=stats.at(offset))
+                if "draws" in kw:
+                    kw = dict(kw, draws=self.draws(offset))
                 ins = [tiles.rows(t, first, stop) for t in args]
                 shape = (stop - first,) + self.shape[1:]
                 result = self._call(method.fn, ins, tiles.rows(base, first, stop), kw, shape)
@@ -233,17 +246,30 @@ class Observe(NodeBase):
     def workspace_bytes(self) -> int:
         shape = self.merge.shape
         tile = numel(shape) if row_count(shape) is None else tiles.tile_numel(shape)
-        return self.source.statistic.piece_bytes(tile) + (0 if self.previous is not None else self.source.state_bytes)
+        stat = self.source.statistic
+        at_once = min(tiles.THREADS, len(tiles.tile_ranges(shape))) if stat.parallel else 1
+        return at_once * stat.piece_bytes(tile) + (0 if self.previous is not None else self.source.state_bytes)
 
     def run(self, ctx: Any, args: list) -> Any:
         stat = args.pop() if self.previous is not None else self.source.create()
         tensors = [ctx.on_device(a) for a in args]
         base = tensors.pop() if self.merge.base is not None else None
-        shape, row = self.merge.shape, numel(self.merge.shape[1:])
         with ctx.measuring():
-            tiles.for_tiles(ctx, shape, lambda a, b: stat.observe(
-                self.sweep, [tiles.rows(t, a, b) for t in tensors], tiles.rows(base, a, b),
-                (self.merge.first_row + a) * row), ordered=True)
+            observe_tiles(ctx, stat, self.sweep, self.merge.shape, tensors, base, self.merge.first_row)
         if self.last:
             stat.end(self.sweep)
         return stat
+
+
+def observe_tiles(ctx: Any, stat: Any, sweep: int, shape: tuple[int, ...], tensors: list, base: Any,
+                  first_row: int) -> None:
+    """One sweep of `stat` over the tiles of a block of `shape` (rows `first_row`… of its tensor):
+    each tile measured on the compute threads in any order, then absorbed in tile order on one of
+    them, so what the statistic folds is folded in the same order however the work was spread."""
+    row = numel(shape[1:])
+
+    def piece(first: int, stop: int) -> tuple:
+        return [tiles.rows(t, first, stop) for t in tensors], tiles.rows(base, first, stop), (first_row + first) * row
+
+    parts = tiles.map_tiles(ctx, shape, lambda a, b: stat.measure(sweep, *piece(a, b)))
+    tiles.for_tiles(ctx, shape, lambda a, b: stat.absorb(sweep, parts.pop(a), *piece(a, b)), ordered=True)

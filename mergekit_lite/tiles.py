@@ -64,6 +64,18 @@ def for_tiles(ctx: Any, shape: tuple[int, ...], run: Callable[[int, int], None],
             future.result()
 
 
+def map_tiles(ctx: Any, shape: tuple[int, ...], run: Callable[[int, int], Any]) -> dict[int, Any]:
+    """``run(first, stop)`` for every tile, spread over the compute threads as :func:`for_tiles`
+    does; the results by each tile's first row."""
+    results: dict[int, Any] = {}
+
+    def one(first: int, stop: int) -> None:
+        results[first] = run(first, stop)
+
+    for_tiles(ctx, shape, one)
+    return results
+
+
 THREADS = 2  # compute threads running tiles (the memory ledger plans for each holding one tile)
 
 

@@ -31,6 +31,7 @@ from mergekit_lite.graph import Compiled, Emit, Load, assemble
 from mergekit_lite.io.writer import ShardedWriter
 from mergekit_lite.merge import Options, compile_plan
 from mergekit_lite.nodes import NodeBase, Pick, Spec, node_kind
+from mergekit_lite.methods.draws import Draws
 
 from conftest import REPO, load_dir
 
@@ -205,7 +206,7 @@ def _kwargs(method, n, chosen, seed):
         v = chosen.get(p.name, VALUES.get(p.name, p.default))
         kw[p.pyname] = [v] * n if p.scope == "model" else v
     if method.random:
-        kw["generators"] = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        kw["draws"] = [Draws(seed + i) for i in range(n)]
     return kw
 
 

@@ -11,6 +11,7 @@ import mergekit_lite
 from mergekit_lite import methods
 from mergekit_lite.errors import PlanError, TensorNotFound
 from mergekit_lite.examples import LLAMA_CONFIG, save_model
+from mergekit_lite.methods.draws import Draws
 
 from conftest import load_dir, write_plan
 
@@ -30,7 +31,7 @@ def call(name, tensors, base):
     if "weight" in kwargs and name == "nuslerp":
         kwargs["weight"] = [1.0, 2.0]
     if m.random:
-        kwargs["generators"] = [torch.Generator().manual_seed(i) for i in range(n)]
+        kwargs["draws"] = [Draws(i) for i in range(n)]
     return m.fn(tensors, base if m.base != "none" else None, **kwargs)
 
 
@@ -148,7 +149,7 @@ def test_weights_summing_to_zero_with_normalize_in_task_methods_keep_mergekits_g
     # Σ w = 0 with normalize: the divisor counts as 1 (no normalization), never inf/NaN
     from mergekit_lite.methods.dare import dare_linear
     out = dare_linear([X + 1, X + 2], X, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True,
-                      generators=[torch.Generator(), torch.Generator()])
+                      draws=[Draws(0), Draws(1)])
     torch.testing.assert_close(out, X - 1.0)
 
 

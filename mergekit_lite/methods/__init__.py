@@ -13,7 +13,10 @@ Call convention::
 - ``tensors``: the non-base inputs, in plan order (for methods without a base, every input).
 - ``base``: the base model's tensor, or None.
 - global parameters arrive as scalars; per-model parameters as lists aligned with ``tensors``.
-- random methods also receive ``generators``: one seeded CPU ``torch.Generator`` per input.
+- random methods also receive ``draws``: one :class:`~.draws.Draws` per input, positioned at the
+  piece's first entry (entry j's uniform depends on the seed and j alone, so a random method can
+  be separable); their statistic factory finds the same draws, at the tensor's start, under
+  ``params["draws"]``.
 - methods that declare a ``statistic`` also receive ``stats``: None when called on whole tensors
   (the method gathers it itself), else what the statistic gives for this piece (:mod:`.stats`).
 - methods registered with ``sectioned=True`` also receive ``section``: where the tensor sits in the
@@ -198,7 +201,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
       statistic it then needs gathered first (:mod:`.stats`; the function receives ``stats``).
 
     Checked at import: the function's keyword-only parameters are exactly the declared params
-    (plus ``generators`` for random methods, ``section`` for sectioned ones). Decision: a
+    (plus ``draws`` for random methods, ``section`` for sectioned ones). Decision: a
     keyword-only parameter may have a default in the signature (so the function reads well when
     called directly), but then it must equal the Param's default; a required Param must have none.
     The executor always passes every declared parameter, so the signature's defaults never decide a
@@ -222,7 +225,7 @@ def register(name: str, *, params: tuple[Param, ...] = (), base: str = "none", m
 def _check_signature(name: str, fn: Callable[..., Any], params: tuple[Param, ...], random: bool,
                      stats: bool, sectioned: bool = False) -> None:
     sig = inspect.signature(fn)
-    declared = ({p.pyname for p in params} | ({"generators"} if random else set())
+    declared = ({p.pyname for p in params} | ({"draws"} if random else set())
                 | ({"stats"} if stats else set()) | ({"section"} if sectioned else set()))
     taken = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
     if declared != taken:

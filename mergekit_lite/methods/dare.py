@@ -10,18 +10,36 @@ from __future__ import annotations
 from ..lazy import torch
 
 from . import register
+from .draws import Draws
 from .gta import (DENSITY, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic, gta_workspace,
                   normalize_param, rescale_mode_param, rescale_param)
-from .sparsify import drop_and_rescale
+from .sparsify import KeptNorms, KeptPiece, dare_mask, drop_and_rescale
+from .stats import gather
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
 
-def _dare(tensors, base, weight, density, generators, rescale, rescale_mode, consensus, normalize, lambda_):
-    return generalized_task_arithmetic(
-        tensors, base, weight,
-        sparsify=lambda i, tau: drop_and_rescale(tau, density[i], generators[i], rescale=rescale, mode=rescale_mode),
-        consensus=consensus, normalize=normalize, lambda_=lambda_)
+def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
+    """mergekit's L1 rescale needs ‖τ_i‖₁ and ‖τ̂_i‖₁ over the whole tensor before a piece is
+    merged; the paper's 1/density needs nothing."""
+    if not (params["rescale"] and params["rescale_mode"] == "l1"):
+        return None
+    density = params["density"]
+    return KeptNorms(lambda i, tau, draws: dare_mask(tau, density[i], draws), params["draws"])
+
+
+def _dare(tensors, base, weight, density, draws, rescale, rescale_mode, consensus, normalize, lambda_, stats):
+    if stats is None and rescale and rescale_mode == "l1":
+        stats = gather(l1_statistic({"density": density, "rescale": rescale, "rescale_mode": rescale_mode,
+                                     "draws": draws}, tuple(base.shape)), tensors, base).at(0)
+
+    def sparsify(i, tau):
+        l1, mask = (stats.scale(i), stats.mask(i)) if stats is not None else (None, None)
+        return drop_and_rescale(tau, density[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
+                                mask=mask)
+
+    return generalized_task_arithmetic(tensors, base, weight, sparsify=sparsify, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
 
 
 @register(
@@ -32,10 +50,13 @@ def _dare(tensors, base, weight, density, generators, rescale, rescale_mode, con
     random=True,
     paper=PAPER,
     workspace=gta_workspace(sparsify=2.5),  # the CPU-drawn mask, the L1 rescale, the count vote (measured)
+    separable=True,
+    statistic=l1_statistic,
 )
 def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
-                generators: list[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
-                rescale: bool = True, rescale_mode: str = "density", int8_mask: bool = False) -> torch.Tensor:
+                draws: list[Draws], lambda_: float = 1.0, normalize: bool = False,
+                rescale: bool = True, rescale_mode: str = "density", int8_mask: bool = False,
+                stats: KeptPiece | None = None) -> torch.Tensor:
     """DARE, merged by task arithmetic.
 
     τ_i = θ_i − θ_base;  m_i ~ Bernoulli(density_i) per entry;  τ̂_i = m_i ⊙ τ_i / density_i
@@ -43,11 +64,13 @@ def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     ``normalize: true``).
 
     ``rescale_mode: l1`` scales by ‖τ_i‖₁/‖m_i ⊙ τ_i‖₁ instead (mergekit's rule, equal to 1/density
-    only in expectation); ``rescale: false`` keeps survivors unscaled. The masks are drawn on the
-    CPU from a generator seeded by (plan seed, tensor name, model), so they do not depend on
-    execution order, threads or device. ``int8_mask`` has no effect.
+    only in expectation; both norms are gathered over the whole tensor first); ``rescale: false``
+    keeps survivors unscaled. Entry j of model i is kept when u_j < density_i, u_j its draw from a
+    stream seeded by (plan seed, step, tensor name, model) and addressed by position
+    (:mod:`.draws`): the mask does not depend on execution order, threads, row blocks or device.
+    ``int8_mask`` has no effect.
     """
-    return _dare(tensors, base, weight, density, generators, rescale, rescale_mode, None, normalize, lambda_)
+    return _dare(tensors, base, weight, density, draws, rescale, rescale_mode, None, normalize, lambda_, stats)
 
 
 @register(
@@ -58,11 +81,13 @@ def dare_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list
     random=True,
     paper=PAPER,
     workspace=gta_workspace(sparsify=2.5),  # the CPU-drawn mask, the L1 rescale, the count vote (measured)
+    separable=True,
+    statistic=l1_statistic,
 )
 def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
-              generators: list[torch.Generator], lambda_: float = 1.0, normalize: bool = False,
+              draws: list[Draws], lambda_: float = 1.0, normalize: bool = False,
               rescale: bool = True, rescale_mode: str = "density", sign_election: str = "sum",
-              int8_mask: bool = False) -> torch.Tensor:
+              int8_mask: bool = False, stats: KeptPiece | None = None) -> torch.Tensor:
     """DARE, merged with TIES' sign election and disjoint merge.
 
     τ̂_i = m_i ⊙ τ_i / density_i with m_i ~ Bernoulli(density_i);  s = sign(Σ_i w_i·τ̂_i);
@@ -71,5 +96,5 @@ def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[f
 
     Rescale options and seeding as in ``dare_linear``.
     """
-    return _dare(tensors, base, weight, density, generators, rescale, rescale_mode, sign_election, normalize,
-                 lambda_)
+    return _dare(tensors, base, weight, density, draws, rescale, rescale_mode, sign_election, normalize,
+                 lambda_, stats)

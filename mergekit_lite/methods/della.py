@@ -12,7 +12,9 @@ from ..lazy import torch
 from . import register
 from .gta import (DENSITY, EPSILON, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,
                   gta_workspace, normalize_param, rescale_mode_param, rescale_param)
-from .sparsify import magprune
+from .draws import Draws
+from .sparsify import KeptNorms, KeptPiece, della_mask, magprune
+from .stats import gather
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -25,13 +27,29 @@ def _check(params: dict) -> str | None:
     return None
 
 
-def _della(tensors, base, weight, density, epsilon, generators, rescale, rescale_mode, consensus, normalize,
-           lambda_):
-    return generalized_task_arithmetic(
-        tensors, base, weight,
-        sparsify=lambda i, tau: magprune(tau, density[i], epsilon[i], generators[i], rescale=rescale,
-                                         mode=rescale_mode),
-        consensus=consensus, normalize=normalize, lambda_=lambda_)
+def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
+    """mergekit's L1 rescale (the default) needs ‖τ_i‖₁ and ‖τ̂_i‖₁ over the whole tensor before a
+    piece is merged; the paper's per-entry 1/p_j needs nothing."""
+    if not (params["rescale"] and params["rescale_mode"] == "l1"):
+        return None
+    density, epsilon = params["density"], params["epsilon"]
+    return KeptNorms(lambda i, tau, draws: della_mask(tau, density[i], epsilon[i], draws), params["draws"])
+
+
+def _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode, consensus, normalize,
+           lambda_, stats):
+    if stats is None and rescale and rescale_mode == "l1":
+        params = {"density": density, "epsilon": epsilon, "rescale": rescale, "rescale_mode": rescale_mode,
+                  "draws": draws}
+        stats = gather(l1_statistic(params, tuple(base.shape)), tensors, base).at(0)
+
+    def sparsify(i, tau):
+        l1, mask = (stats.scale(i), stats.mask(i)) if stats is not None else (None, None)
+        return magprune(tau, density[i], epsilon[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
+                        mask=mask)
+
+    return generalized_task_arithmetic(tensors, base, weight, sparsify=sparsify, consensus=consensus,
+                                       normalize=normalize, lambda_=lambda_)
 
 
 # MagPrune ranks a block of rows at a time (int64 indices and ranks) and keeps a per-model mask or
@@ -48,11 +66,13 @@ _WORKSPACE = gta_workspace(extra_per_model=2.0, sparsify=5.5)  # measured: tests
     paper=PAPER,
     checks=_check,
     workspace=_WORKSPACE,
+    separable="rows",  # MagPrune ranks within rows; pieces are whole rows
+    statistic=l1_statistic,
 )
 def della(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
-          epsilon: list[float], generators: list[torch.Generator], lambda_: float = 1.0, normalize: bool = True,
+          epsilon: list[float], draws: list[Draws], lambda_: float = 1.0, normalize: bool = True,
           rescale: bool = True, rescale_mode: str = "l1", sign_election: str = "sum",
-          int8_mask: bool = False) -> torch.Tensor:
+          int8_mask: bool = False, stats: KeptPiece | None = None) -> torch.Tensor:
     """DELLA: MagPrune, then TIES' sign election and disjoint merge.
 
     MagPrune, per row of τ_i = θ_i − θ_base (a 1-D tensor is one row of m entries): rank the
@@ -65,11 +85,12 @@ def della(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float
     mergekit does, so merged models match mergekit's statistically (the paper's per-entry
     1/p_j gives a merged delta about 5% smaller in norm at density 0.5, ε 0.15).
     ``rescale_mode: density`` is the paper's rule: each survivor divided by its own p_j, so
-    E[τ̂] = τ. density ± ε must lie in [0, 1] (checked before any tensor is read). Masks are
-    seeded per (plan seed, tensor, model).
+    E[τ̂] = τ. density ± ε must lie in [0, 1] (checked before any tensor is read). Entry j is kept
+    when u_j < p_j, u_j its draw from a stream seeded per (plan seed, step, tensor, model) and
+    addressed by position (:mod:`.draws`), so rows merge in any pieces with the same bits.
     """
-    return _della(tensors, base, weight, density, epsilon, generators, rescale, rescale_mode, sign_election,
-                  normalize, lambda_)
+    return _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode, sign_election,
+                  normalize, lambda_, stats)
 
 
 @register(
@@ -81,15 +102,17 @@ def della(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float
     paper=PAPER,
     checks=_check,
     workspace=_WORKSPACE,
+    separable="rows",  # MagPrune ranks within rows; pieces are whole rows
+    statistic=l1_statistic,
 )
 def della_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], density: list[float],
-                 epsilon: list[float], generators: list[torch.Generator], lambda_: float = 1.0,
+                 epsilon: list[float], draws: list[Draws], lambda_: float = 1.0,
                  normalize: bool = False, rescale: bool = True, rescale_mode: str = "l1",
-                 int8_mask: bool = False) -> torch.Tensor:
+                 int8_mask: bool = False, stats: KeptPiece | None = None) -> torch.Tensor:
     """DELLA's MagPrune (see ``della``), merged by task arithmetic:
     θ = θ_base + λ·Σ_i w_i·τ̂_i (/ Σ_i w_i with ``normalize``; default false, as in mergekit).
     """
-    return _della(tensors, base, weight, density, epsilon, generators, rescale, rescale_mode, None, normalize,
-                  lambda_)
+    return _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode, None, normalize,
+                  lambda_, stats)
 
 

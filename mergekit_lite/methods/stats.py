@@ -30,10 +30,22 @@ class Statistic:
     """What the engine calls; subclasses compute something in ``observe`` and ``end``."""
 
     sweeps = 1
+    parallel = False  # measure() does the work, so pieces may be measured on several threads at once
 
     def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
         """Take in a piece of the inputs (the entries from flat index `offset` on)."""
         raise NotImplementedError
+
+    def measure(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> Any:
+        """What the piece at `offset` contributes, computed without changing the statistic: the
+        engine measures pieces on any thread in any order, then absorbs them in order. By default
+        nothing is measured ahead: :meth:`absorb` observes the piece."""
+        return None
+
+    def absorb(self, sweep: int, part: Any, tensors: list[torch.Tensor], base: torch.Tensor | None,
+               offset: int) -> None:
+        """Take in a piece and what :meth:`measure` gave for it; pieces come in order."""
+        self.observe(sweep, tensors, base, offset)
 
     def end(self, sweep: int) -> None:
         """Every piece has been observed in this sweep."""
@@ -47,19 +59,24 @@ class Statistic:
 
     def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list | None = None,
                pool: Any = None) -> "Statistic":
-        """Every sweep over inputs held whole in memory, in `pieces` (row ranges; None: one piece),
-        on a thread of `pool` when given (the pieces must come in order)."""
-        pieces = pieces or [(None, None)]
+        """Every sweep over inputs held whole in memory, in `pieces` (row ranges; None: one piece):
+        with a `pool`, the pieces are measured on its threads and absorbed in order on one of them."""
+        pieces = list(_pieces(tensors, base, pieces or [(None, None)]))
 
-        def run() -> None:
-            for sweep in range(self.sweeps):
-                for first, stop, ins, b, offset in _pieces(tensors, base, pieces):
-                    self.observe(sweep, ins, b, offset)
-                self.end(sweep)
-            for first, stop, ins, b, offset in _pieces(tensors, base, pieces):
-                self.prepare(ins, b, offset)
+        def measure(sweep: int) -> list:
+            work = [lambda p=p: self.measure(sweep, *p[2:]) for p in pieces]
+            return [f.result() for f in [pool.submit(w) for w in work]] if pool is not None else [w() for w in work]
 
-        pool.submit(run).result() if pool is not None else run()
+        def absorb(sweep: int, parts: list) -> None:
+            for p, part in zip(pieces, parts):
+                self.absorb(sweep, part, *p[2:])
+            self.end(sweep)
+
+        for sweep in range(self.sweeps):
+            parts = measure(sweep)
+            pool.submit(absorb, sweep, parts).result() if pool is not None else absorb(sweep, parts)
+        prepare = lambda: [self.prepare(*p[2:]) for p in pieces]  # noqa: E731
+        pool.submit(prepare).result() if pool is not None else prepare()
         return self
 
     @property
@@ -115,17 +132,30 @@ class Dots(Statistic):
         self.pairs = pairs
         self.sums: dict[tuple[int, int], torch.Tensor] = {}
 
-    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+    parallel = True
+
+    def measure(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> dict:
+        """Each pair's products summed per row, in float64 (the rows of the piece in order)."""
         vecs = self.vectors(tensors, base)
         rows = [v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1) for v in vecs]
         dt = acc_dtype(rows[0].device)
-        if not self.sums:
-            self.sums = {p: torch.zeros((), dtype=dt, device=rows[0].device) for p in self.pairs}
         step = max(1, CHUNK // max(1, rows[0].shape[1]))
+        parts: dict[tuple[int, int], list[torch.Tensor]] = {p: [] for p in self.pairs}
         for start in range(0, rows[0].shape[0], step):
             chunks = [r[start:start + step].to(dt) for r in rows]
             for i, j in self.pairs:
-                self.sums[(i, j)] = fold(self.sums[(i, j)], (chunks[i] * chunks[j]).sum(dim=1))
+                parts[(i, j)].append((chunks[i] * chunks[j]).sum(dim=1))
+        return {p: torch.cat(v) for p, v in parts.items()}
+
+    def absorb(self, sweep: int, part: dict, tensors: list, base: torch.Tensor | None, offset: int) -> None:
+        for p, row_sums in part.items():
+            total = self.sums.get(p)
+            if total is None:
+                total = torch.zeros((), dtype=row_sums.dtype, device=row_sums.device)
+            self.sums[p] = fold(total, row_sums)
+
+    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
+        self.absorb(sweep, self.measure(sweep, tensors, base, offset), tensors, base, offset)
 
     def dot(self, i: int, j: int) -> float:
         return float(self.sums[(i, j)])
