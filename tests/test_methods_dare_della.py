@@ -11,7 +11,7 @@ from mergekit_lite.errors import PlanError
 from mergekit_lite.methods.dare import dare_linear, dare_ties
 from mergekit_lite.methods.della import della, della_linear
 from mergekit_lite.methods.draws import Draws
-from mergekit_lite.methods.sparsify import bernoulli_mask, drop_and_rescale, magprune
+from mergekit_lite.methods.drops import bernoulli_mask, drop_and_rescale, magprune
 from mergekit_lite.methods.task_arithmetic import task_arithmetic
 from mergekit_lite.methods.ties import ties
 
@@ -40,7 +40,7 @@ def test_drop_and_rescale_survivors_are_divided_by_density():
     tau = torch.tensor([2.0, -4.0, 6.0, 8.0, -1.0, 3.0])
     kept = drop_and_rescale(tau, 0.5, gens(3)[0])
     out = kept.apply_(tau.clone())
-    mask = kept.mask
+    mask = kept.mask.bool()
     assert out[mask].tolist() == (tau[mask] * 2).tolist() and (out[~mask] == 0).all()
     assert drop_and_rescale(tau, 1.0, gens(3)[0]) is None
 

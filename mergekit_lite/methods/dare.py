@@ -13,7 +13,7 @@ from . import register
 from .draws import Draws
 from .gta import (DENSITY, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic, gta_workspace,
                   normalize_param, rescale_mode_param, rescale_param)
-from .sparsify import KeptNorms, KeptPiece, dare_mask, drop_and_rescale
+from .drops import KeptNorms, KeptPiece, dare_mask, drop_and_rescale
 from .stats import gather
 
 PAPER = "https://arxiv.org/abs/2311.03099"

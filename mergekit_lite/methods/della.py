@@ -13,7 +13,7 @@ from . import register
 from .gta import (DENSITY, EPSILON, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,
                   gta_workspace, normalize_param, rescale_mode_param, rescale_param)
 from .draws import Draws
-from .sparsify import KeptNorms, KeptPiece, della_mask, magprune
+from .drops import KeptNorms, KeptPiece, della_mask, magprune
 from .stats import gather
 
 PAPER = "https://arxiv.org/abs/2406.11617"

@@ -49,13 +49,16 @@ class Draws:
         skip = self.offset - 2 * first
         return torch.from_numpy(raw[skip:skip + n])
 
-    def bernoulli(self, shape: tuple[int, ...], p: float) -> torch.Tensor:
-        """Bool tensor of `shape`: entry j is True when u_j < p."""
+    def bernoulli(self, shape: tuple[int, ...], p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor of `shape` (bool, or 0/1 in `dtype`): entry j is 1 when u_j < p. A float32 mask
+        costs a quarter of a bool one to apply on the CPU (no mixed-dtype product)."""
         # u_j < p ⇔ ⌊v_j/2⁸⌋ < ⌈p·2²⁴⌉ ⇔ v_j < ⌈p·2²⁴⌉·2⁸ ⇔ w_j < ⌈p·2²⁴⌉·2⁸ − 2³¹ (p·2²⁴ is exact)
         threshold = math.ceil(p * 2 ** _BITS) * 2 ** (32 - _BITS) - _HALF
+        dtype = dtype or torch.bool
         if threshold >= _HALF:
-            return torch.ones(shape, dtype=torch.bool)
-        return torch.lt(self.words(math.prod(shape)), max(threshold, -_HALF)).view(shape)
+            return torch.ones(shape, dtype=dtype)
+        n = math.prod(shape)
+        return torch.lt(self.words(n), max(threshold, -_HALF), out=torch.empty(n, dtype=dtype)).view(shape)
 
     def keep(self, p: torch.Tensor) -> torch.Tensor:
         """Bool tensor shaped like `p` (float32 probabilities on the CPU): u_j < p_j, compared as
