@@ -7,6 +7,8 @@ Free Lunch", https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
+import math
+
 from ..lazy import torch
 
 from . import register
@@ -25,7 +27,8 @@ def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
     if not (params["rescale"] and params["rescale_mode"] == "l1"):
         return None
     density = params["density"]
-    return KeptNorms(lambda i, tau, draws: dare_mask(tau, density[i], draws), params["draws"])
+    return KeptNorms(lambda i, tau, draws: dare_mask(tau, density[i], draws), params["draws"],
+                     math.prod(shape))
 
 
 def _dare(tensors, base, weight, density, draws, rescale, rescale_mode, consensus, normalize, lambda_, stats):
@@ -34,7 +37,7 @@ def _dare(tensors, base, weight, density, draws, rescale, rescale_mode, consensu
                                      "draws": draws}, tuple(base.shape)), tensors, base).at(0)
 
     def sparsify(i, tau):
-        l1, mask = (stats.scale(i), stats.mask(i)) if stats is not None else (None, None)
+        l1, mask = (stats.scale(i), stats.mask(i, tuple(tau.shape))) if stats is not None else (None, None)
         return drop_and_rescale(tau, density[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
                                 mask=mask)
 

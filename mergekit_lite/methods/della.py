@@ -7,6 +7,8 @@ Sampling", https://arxiv.org/abs/2406.11617
 
 from __future__ import annotations
 
+import math
+
 from ..lazy import torch
 
 from . import register
@@ -33,7 +35,8 @@ def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
     if not (params["rescale"] and params["rescale_mode"] == "l1"):
         return None
     density, epsilon = params["density"], params["epsilon"]
-    return KeptNorms(lambda i, tau, draws: della_mask(tau, density[i], epsilon[i], draws), params["draws"])
+    return KeptNorms(lambda i, tau, draws: della_mask(tau, density[i], epsilon[i], draws), params["draws"],
+                     math.prod(shape))
 
 
 def _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode, consensus, normalize,
@@ -44,7 +47,7 @@ def _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode
         stats = gather(l1_statistic(params, tuple(base.shape)), tensors, base).at(0)
 
     def sparsify(i, tau):
-        l1, mask = (stats.scale(i), stats.mask(i)) if stats is not None else (None, None)
+        l1, mask = (stats.scale(i), stats.mask(i, tuple(tau.shape))) if stats is not None else (None, None)
         return magprune(tau, density[i], epsilon[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
                         mask=mask)
 

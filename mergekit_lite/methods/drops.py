@@ -15,6 +15,7 @@ tile by tile like the deterministic ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,18 +31,13 @@ CHUNK = 1 << 22
 
 
 def l1_rows(delta: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `delta` (a 1-D tensor is one row): Σ|τ| and Σ|τ ⊙ mask| in float64, each row
-    summed in order (a cumulative sum), so the sums do not depend on threads or on how the tensor
-    was cut into pieces of whole rows."""
-    rows, keep = _rows(delta), _rows(mask)
+    """Per row of `delta` (a 1-D tensor is one row): Σ|τ| and Σ|τ ⊙ mask|, accumulated in float64
+    row by row (as TIES' norms are), so the sums do not depend on how the tensor was cut into
+    pieces of whole rows."""
+    mag = _rows(delta).abs()
     dt = acc_dtype(delta.device)
-    step = max(1, CHUNK // max(1, rows.shape[1]))
-    before, after = [], []
-    for r0 in range(0, rows.shape[0], step):
-        mag = rows[r0:r0 + step].abs().to(dt)
-        before.append(mag.cumsum(1)[:, -1].clone())
-        after.append(mag.mul_(keep[r0:r0 + step]).cumsum(1)[:, -1].clone())
-    return torch.cat(before), torch.cat(after)
+    before = mag.sum(dim=1, dtype=dt)
+    return before, mag.mul_(_rows(mask)).sum(dim=1, dtype=dt)
 
 
 def l1_norms(delta: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -52,44 +48,44 @@ def l1_norms(delta: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
 
 
 class KeptNorms(Statistic):
-    """‖τ_i‖₁ and ‖τ_i ⊙ m_i‖₁ of every model over a whole tensor, m_i the mask a random
-    sparsifier draws (``mask(i, τ_i, draws_i)``, None when it keeps everything): mergekit's L1
-    rescale needs both before any piece is merged. Each piece draws its own entries' mask
-    (position-addressed draws), and the row sums are folded in row order, so the ratio is the
+    """‖τ_i‖₁ and ‖τ_i ⊙ m_i‖₁ of every model over a whole tensor of `numel` entries, m_i the mask
+    a random sparsifier draws (``mask(i, τ_i, draws_i)``, None when it keeps everything):
+    mergekit's L1 rescale needs both before any piece is merged. Each piece draws its own entries'
+    mask (position-addressed draws), and the row sums are folded in row order, so the ratio is the
     same bits however the tensor is cut.
 
-    Gathered over a tensor held in memory (:meth:`gather`), the masks drawn are kept for the merge
-    that follows, which then draws nothing (DELLA ranks every row once instead of twice); swept
-    over row blocks, each block's merge draws its masks again rather than hold them across blocks.
+    The masks drawn are kept, packed to a bit per entry, for the merge that follows: it draws
+    nothing again (DELLA ranks every row once, not twice), whether the tensor is merged in memory
+    or in row blocks after the sweep.
     """
 
     parallel = True
 
-    def __init__(self, mask: Callable[[int, torch.Tensor, Draws], torch.Tensor | None], draws: list[Draws]):
+    def __init__(self, mask: Callable[[int, torch.Tensor, Draws], torch.Tensor | None], draws: list[Draws],
+                 numel: int = 0):
         self.mask = mask
         self.draws = draws
+        self.numel = numel
         self.sums: list[list[torch.Tensor] | None] = [None] * len(draws)
-        self.keeping = False
-        self.masks: dict[int, list[torch.Tensor | None]] = {}  # piece offset -> each model's mask
+        self.masks: dict[tuple[int, int], tuple[int, Any]] = {}  # (model, offset) -> (entries, packed bits)
 
     def measure(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> list:
-        """Per model, the piece's row sums of |τ| and |τ ⊙ m| and the mask (None: the model keeps
-        everything)."""
+        """Per model, the piece's row sums of |τ| and |τ ⊙ m| and its mask packed to bits (None:
+        the model keeps everything)."""
         base32 = base.to(torch.float32)
         parts = []
         for i, t in enumerate(tensors):
             tau = t.to(torch.float32) - base32
             mask = self.mask(i, tau, self.draws[i].shifted(offset))
-            parts.append(None if mask is None else (l1_rows(tau, mask), mask if self.keeping else None))
+            parts.append(None if mask is None else (l1_rows(tau, mask), np.packbits(mask.reshape(-1).cpu().numpy())))
             del tau, mask
         return parts
 
     def absorb(self, sweep: int, part: list, tensors: list, base: torch.Tensor | None, offset: int) -> None:
-        if self.keeping:
-            self.masks[offset] = [p[1] if p is not None else None for p in part]
         for i, p in enumerate(part):
             if p is None:
                 continue
+            self.masks[(i, offset)] = (tensors[i].numel(), p[1])
             if self.sums[i] is None:
                 self.sums[i] = [torch.zeros((), dtype=r.dtype, device=r.device) for r in p[0]]
             self.sums[i] = [fold(total, r) for total, r in zip(self.sums[i], p[0])]
@@ -97,46 +93,52 @@ class KeptNorms(Statistic):
     def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
         self.absorb(sweep, self.measure(sweep, tensors, base, offset), tensors, base, offset)
 
-    def gather(self, tensors: list[torch.Tensor], base: torch.Tensor | None, pieces: list | None = None,
-               pool: Any = None) -> "KeptNorms":
-        self.keeping = True
-        return super().gather(tensors, base, pieces, pool)
-
     def scale(self, i: int) -> float | torch.Tensor:
         """‖τ_i‖₁/‖τ̂_i‖₁ (1 when either is below 1e-7, or model i keeps everything)."""
         sums = self.sums[i]
         return 1.0 if sums is None else l1_rescale_sums(float(sums[0]), float(sums[1]))
 
+    def kept_mask(self, i: int, offset: int, n: int) -> torch.Tensor | None:
+        """Model i's mask over the n entries from `offset` on, as drawn in the sweep (bool, flat,
+        on the CPU; the pieces observed there are handed over and forgotten), or None when the
+        sweep did not cover exactly those pieces (the caller draws it again)."""
+        bits, at = [], offset
+        while at < offset + n and (got := self.masks.pop((i, at), None)) is not None:
+            bits.append(np.unpackbits(got[1], count=got[0]))
+            at += got[0]
+        if at != offset + n:
+            return None
+        return torch.from_numpy(bits[0] if len(bits) == 1 else np.concatenate(bits)).view(torch.bool)
+
     def at(self, offset: int) -> "KeptPiece":
-        return KeptPiece(self, self.masks.pop(offset, None))
+        return KeptPiece(self, offset)
 
     @property
     def state_bytes(self) -> int:
-        return 16 * len(self.draws)
+        """The L1 sums and every model's mask at a bit per entry."""
+        return len(self.draws) * (16 + (self.numel + 7) // 8)
 
     def piece_bytes(self, piece: int) -> int:
-        """The task vector, the mask's draws and ranks (DELLA: int64 ranks, float32 p), the float64
-        row chunk."""
-        return 4 * 7 * piece + 8 * min(piece, CHUNK)
-
-    def held_bytes(self, whole: int) -> int:
-        """The masks kept for the merge (one bool per entry and model)."""
-        return whole * len(self.draws)
+        """The task vector and |τ|, the mask's draws and ranks (DELLA: |τ|, int64 keys, their sorted
+        copy and the ranks, float32 p and the draws; measured by tests/test_memory_ledger.py)."""
+        return 4 * 9 * piece
 
 
 @dataclass
 class KeptPiece:
-    """What a piece's merge receives: the L1 ratios, and the piece's masks when they were kept."""
+    """What a piece's merge receives: the L1 ratios, and the piece's masks from the sweep."""
 
     norms: KeptNorms
-    masks: list[torch.Tensor | None] | None
+    offset: int
 
     def scale(self, i: int) -> float | torch.Tensor:
         return self.norms.scale(i)
 
-    def mask(self, i: int) -> torch.Tensor | None:
-        """Model i's mask over this piece as drawn while gathering, or None (draw it again)."""
-        return self.masks[i] if self.masks is not None else None
+    def mask(self, i: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Model i's mask over this piece of `shape` as drawn in the sweep, or None (draw it)."""
+        n = math.prod(shape)
+        mask = self.norms.kept_mask(i, self.offset, n)
+        return mask.view(shape) if mask is not None else None
 
 
 def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, draws: Draws,
