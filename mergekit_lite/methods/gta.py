@@ -124,7 +124,7 @@ def generalized_task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
 
     ``sparsify(i, τ_i)`` returns the :class:`Kept` entries of model i's task vector (None: all);
     it is called once per model, in model order (random sparsifiers draw from model i's
-    generator). ``consensus`` is None (plain weighted sum, divided by Σ w_i when ``normalize``,
+    :class:`~.draws.Draws`). ``consensus`` is None (plain weighted sum, divided by Σ w_i when ``normalize``,
     with mergekit's guard for Σ w ≈ 0), ``"sum"`` or ``"count"`` (sign election, then disjoint
     merge dividing by the agreeing weights when ``normalize``). Inputs are read, never modified.
     """
