@@ -365,3 +365,25 @@ def test_tiles_row_blocks_and_threads_give_the_whole_tensor_bits(big_models, tmp
         whole = methods.get(method).fn(ins, load_dir(big_models["base"])[name], draws=gens(*node.seeds), **kw)
         assert torch.equal(tiled[name], whole), name
         assert torch.equal(blocked[name], whole), name
+
+
+def test_l1_statistic_hands_its_masks_to_pieces_of_any_grouping():
+    """Swept in two pieces of rows, the masks kept (a bit per entry) join up for a merge of the
+    whole block (the CUDA path merges a row block whole), equal the masks drawn at once, and the
+    norms give the ratio of the whole tensor; a piece the sweep did not cover is drawn again."""
+    from mergekit_lite.methods.della import l1_statistic
+    from mergekit_lite.methods.drops import della_mask, l1_norms
+    tau = [m - BASE for m in MODELS[:2]]
+    params = {"density": [0.5, 0.6], "epsilon": [0.1, 0.2], "rescale": True, "rescale_mode": "l1",
+              "draws": gens(3, 4)}
+    stat = l1_statistic(params, tuple(BASE.shape))
+    for first, stop in [(0, 13), (13, 30)]:
+        stat.observe(0, [m[first:stop] for m in MODELS[:2]], BASE[first:stop], first * 20)
+    piece = stat.at(0)
+    for i in range(2):
+        whole = della_mask(tau[i], params["density"][i], params["epsilon"][i], gens(3, 4)[i])
+        assert torch.equal(piece.mask(i, tuple(BASE.shape)), whole)
+        before, after = l1_norms(tau[i], whole)
+        assert float(piece.scale(i)) == np.float32(before / after)
+    assert stat.at(0).mask(0, tuple(BASE.shape)) is None  # handed over once
+    assert l1_statistic(dict(params, rescale_mode="density"), tuple(BASE.shape)) is None
