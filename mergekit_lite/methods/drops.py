@@ -90,9 +90,6 @@ class KeptNorms(Statistic):
                 self.sums[i] = [torch.zeros((), dtype=r.dtype, device=r.device) for r in p[0]]
             self.sums[i] = [fold(total, r) for total, r in zip(self.sums[i], p[0])]
 
-    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        self.absorb(sweep, self.measure(sweep, tensors, base, offset), tensors, base, offset)
-
     def scale(self, i: int) -> float | torch.Tensor:
         """‖τ_i‖₁/‖τ̂_i‖₁ (1 when either is below 1e-7, or model i keeps everything)."""
         sums = self.sums[i]

@@ -15,6 +15,11 @@ The method then receives ``stats.at(offset)`` for the piece whose first entry ha
 state (``state_bytes``) is held by the memory ledger between sweeps; observing a piece of n entries
 takes ``piece_bytes(n)`` transient bytes, and gathering over a whole tensor of n entries holds
 ``held_bytes(n)`` more while it lasts. The engine never learns what a statistic computes.
+
+A piece is observed in two halves: ``measure`` (the work, which must not change the statistic)
+and ``absorb`` (folding the result in, in piece order). A statistic declared ``parallel`` does its
+work in ``measure``, and the engine measures its pieces on every compute thread at once; the
+others do everything in ``observe``, called from ``absorb`` one piece after another.
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ class Statistic:
     parallel = False  # measure() does the work, so pieces may be measured on several threads at once
 
     def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        """Take in a piece of the inputs (the entries from flat index `offset` on)."""
-        raise NotImplementedError
+        """Take in a piece of the inputs (the entries from flat index `offset` on); a statistic
+        that does its work in :meth:`measure` (``parallel``) measures the piece and absorbs it."""
+        if not self.parallel:
+            raise NotImplementedError
+        self.absorb(sweep, self.measure(sweep, tensors, base, offset), tensors, base, offset)
 
     def measure(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> Any:
         """What the piece at `offset` contributes, computed without changing the statistic: the
@@ -153,9 +161,6 @@ class Dots(Statistic):
             if total is None:
                 total = torch.zeros((), dtype=row_sums.dtype, device=row_sums.device)
             self.sums[p] = fold(total, row_sums)
-
-    def observe(self, sweep: int, tensors: list[torch.Tensor], base: torch.Tensor | None, offset: int) -> None:
-        self.absorb(sweep, self.measure(sweep, tensors, base, offset), tensors, base, offset)
 
     def dot(self, i: int, j: int) -> float:
         return float(self.sums[(i, j)])
