@@ -15,8 +15,7 @@ from . import register
 from .draws import Draws
 from .gta import (DENSITY, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic, gta_workspace,
                   normalize_param, rescale_mode_param, rescale_param)
-from .drops import KeptNorms, KeptPiece, dare_mask, drop_and_rescale
-from .stats import gather
+from .drops import KeptNorms, KeptPiece, dare_mask, drop_and_rescale, from_norms, whole_tensor_norms
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -32,17 +31,13 @@ def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
 
 
 def _dare(tensors, base, weight, density, draws, rescale, rescale_mode, consensus, normalize, lambda_, stats):
-    if stats is None and rescale and rescale_mode == "l1":
-        stats = gather(l1_statistic({"density": density, "rescale": rescale, "rescale_mode": rescale_mode,
-                                     "draws": draws}, tuple(base.shape)), tensors, base).at(0)
-
-    def sparsify(i, tau):
-        l1, mask = (stats.scale(i), stats.mask(i, tuple(tau.shape))) if stats is not None else (None, None)
-        return drop_and_rescale(tau, density[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
-                                mask=mask)
-
-    return generalized_task_arithmetic(tensors, base, weight, sparsify=sparsify, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+    params = {"density": density, "rescale": rescale, "rescale_mode": rescale_mode, "draws": draws}
+    stats = stats if stats is not None else whole_tensor_norms(l1_statistic, params, tensors, base)
+    return generalized_task_arithmetic(
+        tensors, base, weight,
+        sparsify=lambda i, tau: drop_and_rescale(tau, density[i], draws[i], rescale=rescale, mode=rescale_mode,
+                                                 **from_norms(stats, i, tau.shape)),
+        consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 @register(

@@ -15,8 +15,7 @@ from . import register
 from .gta import (DENSITY, EPSILON, INT8_MASK, LAMBDA, SIGN_ELECTION, WEIGHT, generalized_task_arithmetic,
                   gta_workspace, normalize_param, rescale_mode_param, rescale_param)
 from .draws import Draws
-from .drops import KeptNorms, KeptPiece, della_mask, magprune
-from .stats import gather
+from .drops import KeptNorms, KeptPiece, della_mask, from_norms, magprune, whole_tensor_norms
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -41,18 +40,14 @@ def l1_statistic(params: dict, shape: tuple[int, ...]) -> KeptNorms | None:
 
 def _della(tensors, base, weight, density, epsilon, draws, rescale, rescale_mode, consensus, normalize,
            lambda_, stats):
-    if stats is None and rescale and rescale_mode == "l1":
-        params = {"density": density, "epsilon": epsilon, "rescale": rescale, "rescale_mode": rescale_mode,
-                  "draws": draws}
-        stats = gather(l1_statistic(params, tuple(base.shape)), tensors, base).at(0)
-
-    def sparsify(i, tau):
-        l1, mask = (stats.scale(i), stats.mask(i, tuple(tau.shape))) if stats is not None else (None, None)
-        return magprune(tau, density[i], epsilon[i], draws[i], rescale=rescale, mode=rescale_mode, l1=l1,
-                        mask=mask)
-
-    return generalized_task_arithmetic(tensors, base, weight, sparsify=sparsify, consensus=consensus,
-                                       normalize=normalize, lambda_=lambda_)
+    params = {"density": density, "epsilon": epsilon, "rescale": rescale, "rescale_mode": rescale_mode,
+              "draws": draws}
+    stats = stats if stats is not None else whole_tensor_norms(l1_statistic, params, tensors, base)
+    return generalized_task_arithmetic(
+        tensors, base, weight,
+        sparsify=lambda i, tau: magprune(tau, density[i], epsilon[i], draws[i], rescale=rescale, mode=rescale_mode,
+                                         **from_norms(stats, i, tau.shape)),
+        consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 # MagPrune ranks a block of rows at a time (int64 indices and ranks) and keeps a per-model mask or

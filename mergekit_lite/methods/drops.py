@@ -24,7 +24,7 @@ from ..lazy import np, torch
 from .draws import Draws
 from .sparsify import Kept, l1_rescale_sums
 from .spherical import acc_dtype
-from .stats import Statistic, fold
+from .stats import Statistic, fold, gather
 
 # Per-row ranking and float64 row sums work on blocks of about this many entries.
 CHUNK = 1 << 22
@@ -136,6 +136,20 @@ class KeptPiece:
         n = math.prod(shape)
         mask = self.norms.kept_mask(i, self.offset, n)
         return mask.view(shape) if mask is not None else None
+
+
+def whole_tensor_norms(statistic: Callable[[dict, tuple[int, ...]], KeptNorms | None], params: dict,
+                       tensors: list[torch.Tensor], base: torch.Tensor) -> KeptPiece | None:
+    """For a call on whole tensors (no statistic from the engine): the method's L1 statistic
+    gathered here, or None when its parameters need none."""
+    stat = statistic(params, tuple(base.shape))
+    return gather(stat, tensors, base).at(0) if stat is not None else None
+
+
+def from_norms(stats: KeptPiece | None, i: int, shape: tuple[int, ...]) -> dict:
+    """What a random sparsifier takes from the L1 statistic for model i's piece: the ratio and
+    the mask drawn in the sweep (nothing without a statistic)."""
+    return {} if stats is None else {"l1": stats.scale(i), "mask": stats.mask(i, tuple(shape))}
 
 
 def bernoulli_mask(shape: torch.Size | tuple[int, ...], p: float, draws: Draws,
