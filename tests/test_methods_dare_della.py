@@ -387,3 +387,19 @@ def test_l1_statistic_hands_its_masks_to_pieces_of_any_grouping():
         assert float(piece.scale(i)) == np.float32(before / after)
     assert stat.at(0).mask(0, tuple(BASE.shape)) is None  # handed over once
     assert l1_statistic(dict(params, rescale_mode="density"), tuple(BASE.shape)) is None
+
+
+def test_row_ranks_equal_a_stable_argsort_with_ties_zeros_and_signs():
+    """MagPrune's ranks on the CPU come from sorting int64 keys (|τ| bits, then position): they must
+    be a stable sort's ranks, ties (|−x| = |x|, ±0) broken by position."""
+    from mergekit_lite.methods.drops import row_ranks
+    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(9))
+    x[0, :40] = 0.0
+    x[0, 40:50] = -0.0
+    x[1, 10], x[1, 200] = 0.25, -0.25
+    x[2] = 1.5
+    x[3, ::3] = -x[3, 1::3][:100]
+    want = torch.empty(7, 300, dtype=torch.int64).scatter_(
+        1, torch.argsort(x.abs(), dim=1, stable=True), torch.arange(300).expand(7, 300))
+    assert torch.equal(row_ranks(x), want)
+    assert row_ranks(x)[2].tolist() == list(range(300))
